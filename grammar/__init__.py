@@ -1,0 +1,1 @@
+"""Package data: the rule grammar. Installed as dynproxy.grammar (see pyproject.toml)."""
