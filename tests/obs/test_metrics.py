@@ -211,9 +211,10 @@ def test_multiprocess_aggregates_forked_workers(tmp_path):
             m.backend_health.labels("web", "web-1").set(n % 2)
         return work
 
-    pids = [_in_child(worker(1)), _in_child(worker(2))]
-    for pid in pids:
-        _reap(pid)
+    pids = []
+    for n in (1, 2):  # one after the other, so that "most recent" is well defined
+        pids.append(_in_child(worker(n)))
+        _reap(pids[-1])
     text = render_metrics(m)[0]
     assert value(text, "proxy_connections_total", proto="tcp", listener="main") == 3
     assert value(text, "proxy_active_connections", proto="tcp") == 3
