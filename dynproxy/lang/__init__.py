@@ -23,7 +23,7 @@ from dynproxy.lang.diagnostics import Diagnostic, RulesError
 from dynproxy.lang.loader import load_program, load_program_text
 from dynproxy.lang.values import normalize_sni
 
-__all__ = ["load", "load_file", "load_text", "RuleSet", "RulesError", "Decision", "ConnInfo"]
+__all__ = ["load", "load_file", "load_text", "build", "RuleSet", "RulesError", "Decision", "ConnInfo"]
 
 
 class RuleSet:
@@ -70,15 +70,16 @@ def load(path_or_text, *, plugins=None, certificates=None, health_defaults=None)
 
 def load_file(path, **kw) -> RuleSet:
     program, diags = load_program(path)
-    return _finish(program, diags, **kw)
+    return build(program, diags, **kw)
 
 
 def load_text(text: str, name: str = "<rules>", base_dir: str | None = None, **kw) -> RuleSet:
     program, diags = load_program_text(text, name, base_dir)
-    return _finish(program, diags, **kw)
+    return build(program, diags, **kw)
 
 
-def _finish(program, diags, *, plugins=None, certificates=None, health_defaults=None) -> RuleSet:
+def build(program, diags, *, plugins=None, certificates=None, health_defaults=None) -> RuleSet:
+    """Lint and compile an already loaded program (loader diagnostics in `diags`)."""
     if not any(d.is_error for d in diags):
         diags = list(diags) + _lint(program, plugins, certificates)
     if any(d.is_error for d in diags):

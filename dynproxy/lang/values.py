@@ -40,6 +40,10 @@ def check_hostname(name: str) -> None:
 
 def parse_sni_pattern(op: str, raw: str) -> str:
     """Validate and normalise one `sni OP "PATTERN"` value."""
+    if op == "prefix":  # a prefix keeps its trailing dot: "admin." must not match "administrator"
+        value = raw.lower()
+        _check_prefix(raw, value)
+        return value
     value = normalize_sni(raw)
     if op == "exact":
         if "*" in value or "?" in value:
@@ -47,8 +51,6 @@ def parse_sni_pattern(op: str, raw: str) -> str:
         check_hostname(value)
     elif op == "suffix":
         _check_suffix(raw, value)
-    elif op == "prefix":
-        _check_prefix(raw, value)
     else:
         _check_glob(raw, value)
     return value
@@ -68,6 +70,8 @@ def _check_suffix(raw: str, value: str) -> None:
 def _check_prefix(raw: str, value: str) -> None:
     if not value or "*" in value or "?" in value:
         raise ValueError(f"prefix {raw!r} must be plain characters (no wildcards), not empty")
+    if not value.isascii():
+        raise ValueError(f"prefix {raw!r} must be ASCII (write international labels as xn--)")
     if not re.fullmatch(r"[a-z0-9_.-]+", value):
         raise ValueError(f"prefix {raw!r} contains characters a host name cannot have")
 
