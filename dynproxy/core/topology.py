@@ -1,0 +1,252 @@
+"""Runtime state of backends and pools: who is healthy, busy, draining, and who is next.
+
+A Topology is built from a compiled rule set (its BackendSpecs and PoolSpecs) and
+lives in one worker. Members are shared by id across pools and rules, so a backend
+named in a pool and in an lb(...) has one health state and one connection count.
+Redis members are swapped in by the store layer; health results come from probes
+and from live traffic. On reload a new Topology adopts the old one's member states
+(same id and address), so health and counters survive. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from dynproxy.core.balance import make_balancer
+from dynproxy.core.decision import BackendSpec, Decision, PoolSpec
+from dynproxy.core.health import HealthState, Transition
+
+
+class Member:
+    """One backend as the balancer and the connection code see it (mutable, per worker)."""
+
+    __slots__ = ("id", "spec", "weight", "active", "health", "draining", "removed",
+                 "last_check", "actively_checked", "retry_at")
+    PASSIVE_RETRY = 10.0  # seconds a member without active checks rests after going down
+
+    def __init__(self, spec: BackendSpec, weight: int, rise: int = 2, fall: int = 3):
+        self.id = spec.name
+        self.spec = spec
+        self.weight = weight
+        self.active = 0
+        self.health = HealthState(rise=rise, fall=fall)
+        self.draining = False  # gets no new connections (removed from Redis, or drained)
+        self.removed = False  # no longer part of the topology
+        self.last_check: float | None = None
+        self.actively_checked = False  # set when a pool with a `health` line owns it
+        self.retry_at = 0.0
+
+    @property
+    def available(self) -> bool:
+        if self.draining or self.weight <= 0:
+            return False
+        if self.health.up:
+            return True
+        # Without active checks nothing would ever bring a member back: after a rest,
+        # let live traffic try it again (as nginx's fail_timeout does).
+        return not self.actively_checked and time.monotonic() >= self.retry_at
+
+    def record(self, ok: bool, reason: str = "") -> Transition | None:
+        transition = self.health.record(ok, reason)
+        if not ok and not self.health.up:
+            self.retry_at = time.monotonic() + self.PASSIVE_RETRY
+        return transition
+
+
+class _Choice:
+    """A balancer candidate: a member, or a pool/backend target inside an lb(...)."""
+
+    __slots__ = ("id", "weight", "available", "active", "target")
+
+    def __init__(self, id_: str, weight: int, target):
+        self.id, self.weight, self.target = id_, weight, target
+        self.available, self.active = True, 0
+
+
+class Pool:
+    def __init__(self, spec: PoolSpec, members: list[Member]):
+        self.spec = spec
+        self.name = spec.name
+        self.static_members = list(members)
+        self.redis_members: list[Member] = []
+        self.balancer = make_balancer(spec.algo, spec.hash_key)
+        self.member_weights: dict[str, int] = {}
+
+    @property
+    def members(self) -> list[Member]:
+        return self.static_members + self.redis_members
+
+    def available(self) -> bool:
+        return any(m.available for m in self.members)
+
+    def active(self) -> int:
+        return sum(m.active for m in self.members)
+
+    def pick(self, hash_key: str | None, exclude: frozenset[str]) -> Member | None:
+        return self.balancer.pick(self.members, hash_key, exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    name: str
+
+
+class Topology:
+    """Members and pools of one rule set, plus the picking logic for decisions."""
+
+    def __init__(self, backends: dict[str, BackendSpec], pools: dict[str, PoolSpec],
+                 previous: Topology | None = None):
+        self._adopt = previous.members if previous else {}
+        self.members: dict[str, Member] = {}
+        self.backends = {name: self._member(spec, spec.weight) for name, spec in backends.items()}
+        self.pools = {name: self._pool(spec) for name, spec in pools.items()}
+        self._lb_balancers: dict[int, object] = {}
+        self._lb_choices: dict[int, list[_Choice]] = {}
+
+    # building --------------------------------------------------------------------
+    def _member(self, spec: BackendSpec, weight: int, health=None) -> Member:
+        existing = self.members.get(spec.name) or self._adopt.get(spec.name)
+        if existing is not None and existing.spec.address == spec.address:
+            existing.spec, existing.weight, existing.removed = spec, weight, False
+            self.members[spec.name] = existing
+            return existing
+        rise, fall = (health.rise, health.fall) if health else (1, 3)
+        member = Member(spec, weight, rise, fall)
+        self.members[spec.name] = member
+        return member
+
+    def _pool(self, spec: PoolSpec) -> Pool:
+        members = [self._member(m.backend, m.weight, spec.health) for m in spec.members]
+        for m in members:
+            m.actively_checked = m.actively_checked or spec.health is not None
+        return Pool(spec, members)
+
+    def set_redis_members(self, pool_name: str, specs: Iterable[BackendSpec]) -> list[Member]:
+        """Replace a pool's Redis members; returns the members that left (now draining)."""
+        pool = self.pools[pool_name]
+        new = [self._member(s, s.weight, pool.spec.health) for s in specs]
+        keep = {m.id for m in new}
+        gone = [m for m in pool.redis_members if m.id not in keep]
+        for m in gone:
+            if not self._referenced(m, exclude_pool=pool):
+                m.draining, m.removed = True, True
+                self.members.pop(m.id, None)
+        for m in new:
+            m.draining = False
+            m.actively_checked = m.actively_checked or pool.spec.health is not None
+        pool.redis_members = new
+        return gone
+
+    def _referenced(self, member: Member, exclude_pool: Pool) -> bool:
+        return member.id in self.backends or any(
+            member in p.members for p in self.pools.values() if p is not exclude_pool
+        )
+
+    # picking -----------------------------------------------------------------------
+    def candidates(self, decision: Decision, hash_key: str | None,
+                   attempts: int) -> Iterator[Member]:
+        """Members to try in order for a forward/lb decision (distinct, available)."""
+        tried: set[str] = set()
+        for _ in range(attempts):
+            member = self.pick(decision, hash_key, frozenset(tried))
+            if member is None:
+                return
+            tried.add(member.id)
+            yield member
+
+    def pick(self, decision: Decision, hash_key: str | None,
+             exclude: frozenset[str]) -> Member | None:
+        if decision.action == "forward":
+            return self._pick_target(decision.targets[0].name, hash_key, exclude)
+        choices = self._choices(decision)
+        for c in choices:
+            c.available = self._target_available(c.target, exclude)
+            c.active = self._target_active(c.target)
+        balancer = self._lb_balancers[decision.rule.index]
+        tried: set[str] = set()
+        while True:
+            choice = balancer.pick(choices, hash_key, frozenset(tried))
+            if choice is None:
+                return None
+            member = self._pick_target(choice.target, hash_key, exclude)
+            if member is not None:
+                return member
+            tried.add(choice.id)
+
+    def _choices(self, decision: Decision) -> list[_Choice]:
+        key = decision.rule.index
+        choices = self._lb_choices.get(key)
+        if choices is None:
+            choices = [_Choice(t.name, t.weight, t.name) for t in decision.targets]
+            self._lb_choices[key] = choices
+            self._lb_balancers[key] = make_balancer(decision.algo, decision.hash_key)
+        return choices
+
+    def _pick_target(self, name: str, hash_key, exclude) -> Member | None:
+        member = self.backends.get(name)
+        if member is not None:
+            return member if member.available and member.id not in exclude else None
+        pool = self.pools.get(name)
+        if pool is None:
+            return None
+        picked = pool.pick(hash_key, exclude)
+        if picked is None and pool.spec.fallback and pool.spec.fallback != name:
+            return self._pick_fallback(pool.spec.fallback, hash_key, exclude)
+        return picked
+
+    def _pick_fallback(self, name: str, hash_key, exclude) -> Member | None:
+        member = self.backends.get(name)
+        if member is not None:
+            return member if member.available and member.id not in exclude else None
+        pool = self.pools.get(name)
+        return pool.pick(hash_key, exclude) if pool else None
+
+    def _target_available(self, name: str, exclude) -> bool:
+        member = self.backends.get(name)
+        if member is not None:
+            return member.available and member.id not in exclude
+        pool = self.pools.get(name)
+        return pool is not None and any(
+            m.available and m.id not in exclude for m in pool.members
+        )
+
+    def _target_active(self, name: str) -> int:
+        member = self.backends.get(name)
+        if member is not None:
+            return member.active
+        pool = self.pools.get(name)
+        return pool.active() if pool else 0
+
+    # views ----------------------------------------------------------------------------
+    def pool_of(self, member: Member) -> str:
+        for pool in self.pools.values():
+            if member in pool.members:
+                return pool.name
+        return "-"
+
+    def snapshot(self) -> dict:
+        """JSON-ready view for GET /backends."""
+        return {
+            "pools": {name: {
+                "algo": pool.spec.algo + (f"({pool.spec.hash_key})" if pool.spec.hash_key else ""),
+                "members": [_member_view(m, "redis" if m in pool.redis_members else "rules")
+                            for m in pool.members],
+            } for name, pool in self.pools.items()},
+            "backends": {name: _member_view(m, m.spec.source) for name, m in self.backends.items()},
+        }
+
+
+def _member_view(m: Member, source: str) -> dict:
+    return {
+        "id": m.id,
+        "address": m.spec.address,
+        "weight": m.weight,
+        "source": source,
+        "healthy": m.health.up,
+        "reason": m.health.reason,
+        "last_check": m.last_check,
+        "draining": m.draining,
+        "active_connections": m.active,
+    }
