@@ -186,6 +186,11 @@ class _Reachability:
         return self._fewest(shape, sorted(used))
 
     def _cover(self, box: Box) -> list[Entry] | None:
+        """Entries that together take all of `box`, or None.
+
+        First the cheap necessary test: the slice of `box` that holds the generic
+        value wherever `box` does can only be taken by rules broad there too, which
+        the index finds without looking at the (many) narrow ones."""
         mask = self.generic.mask(box)
         slice_ = self._generic_slice(box, mask)
         first = self.index.query(box, skip=mask)

@@ -128,7 +128,7 @@ def _excerpt(pos: Pos, sources: Mapping[str, str]) -> list[str]:
     src_lines = text.splitlines()
     if pos.line > len(src_lines):
         return []
-    line = src_lines[pos.line - 1].replace("\t", " ")
+    line = "".join(c if c.isprintable() else "\ufffd" for c in src_lines[pos.line - 1].replace("\t", " "))
     if len(line) > 200:  # keep a huge single-line file readable
         start = max(0, pos.col - 80)
         line, col = line[start : start + 200], pos.col - start

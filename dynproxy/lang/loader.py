@@ -4,6 +4,10 @@ Includes are resolved relative to the including file; a glob's matches are taken
 in sorted order and a glob that matches nothing is fine (as in nginx), while a
 plain path that does not exist is an error. Cycles and repeated includes are
 errors. Limits keep hostile input from exhausting memory. Reads files; no network.
+
+Where the files come from is a `files` hook (default: the disk, `DiskFiles`): the
+master of a multi-process proxy records what it validated and hands workers a
+bundle that answers the same questions, so a worker serves exactly those texts.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from dynproxy.lang import ast
 from dynproxy.lang.diagnostics import Diagnostic, RulesError, error, help_, note
@@ -22,8 +27,44 @@ MAX_RULES = 100_000
 MAX_FILES = 1_000
 
 
+class RuleFiles(Protocol):
+    """What the loader asks of the place rule files come from."""
+
+    def read(self, path: Path, limit: int) -> bytes:
+        """The file's bytes, at most `limit` + 1 of them; OSError when unreadable."""
+
+    def identity(self, path: Path) -> str:
+        """One name per file whatever the path that reaches it (cycle detection)."""
+
+    def glob_files(self, pattern: str) -> list[str]:
+        """Regular files matching a glob pattern, sorted."""
+
+    def exists(self, path: str) -> bool: ...
+
+
+class DiskFiles:
+    """Rule files as they are on disk now."""
+
+    def read(self, path: Path, limit: int) -> bytes:
+        with open(path, "rb") as file:
+            return file.read(limit + 1)
+
+    def identity(self, path: Path) -> str:
+        return os.path.realpath(path)
+
+    def glob_files(self, pattern: str) -> list[str]:
+        return [m for m in sorted(glob.glob(pattern)) if os.path.isfile(m)]
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+
+DISK = DiskFiles()
+
+
 @dataclass
 class _State:
+    files: RuleFiles = DISK
     sources: dict[str, str] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
     backends: list[ast.BackendDecl] = field(default_factory=list)
@@ -34,17 +75,20 @@ class _State:
     too_many_rules: bool = False
 
 
-def load_program(path: str | os.PathLike) -> tuple[ast.Program, list[Diagnostic]]:
-    """Parse `path` and everything it includes; diagnostics cover read/syntax/include errors."""
-    state = _State()
+def load_program(path: str | os.PathLike,
+                 files: RuleFiles | None = None) -> tuple[ast.Program, list[Diagnostic]]:
+    """Parse `path` and everything it includes; diagnostics cover read/syntax/include errors.
+    `files` answers every read (default: the disk)."""
+    state = _State(files=files or DISK)
     root = _display(Path(path))
     _load_file(Path(path), None, [], state)
     return _program(root, state), state.diagnostics
 
 
-def load_program_text(text: str, name: str = "<rules>", base_dir: str | None = None):
+def load_program_text(text: str, name: str = "<rules>", base_dir: str | None = None,
+                      files: RuleFiles | None = None):
     """Like load_program for text given directly (REPL, tests, embedding)."""
-    state = _State()
+    state = _State(files=files or DISK)
     state.sources[name] = text
     state.included_at[name] = None
     _load_text(text, name, Path(base_dir or "."), [name], state)
@@ -84,7 +128,7 @@ def _display(path: Path) -> str:
 
 def _load_file(path: Path, at: ast.Include | None, stack: list[str], s: _State) -> None:
     name = _display(path)
-    key = os.path.realpath(path)
+    key = s.files.identity(path)
     if not _check_include(name, key, at, stack, s):
         return
     text = _read(path, name, at, s)
@@ -123,19 +167,18 @@ def _check_include(name, key, at, stack, s: _State) -> bool:
 def _read(path: Path, name: str, at: ast.Include | None, s: _State) -> str | None:
     where = at.pos if at else ast.Pos(name, 1, 1, 1, 1)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            s.diagnostics.append(error(
-                "E001", f"{name!r} is {size / 2**20:.1f} MiB; a rule file may be at most "
-                f"{MAX_FILE_BYTES // 2**20} MiB", where,
-                help_("split it with include, or move per-host routes to Redis (plugin redis_sni)"),
-            ))
-            return None
-        data = path.read_bytes()
+        data = s.files.read(path, MAX_FILE_BYTES)
     except OSError as exc:
         what = "cannot read included file" if at else "cannot read rule file"
         s.diagnostics.append(error("E001" if at is None else "E110",
                                    f"{what} {name!r}: {exc.strerror or exc}", where))
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        s.diagnostics.append(error(
+            "E001", f"{name!r} is larger than {MAX_FILE_BYTES // 2**20} MiB, the most a "
+            "rule file may be", where,
+            help_("split it with include, or move per-host routes to Redis (plugin redis_sni)"),
+        ))
         return None
     return _decode(data, name, where, s)
 
@@ -157,6 +200,13 @@ def _decode(data: bytes, name: str, where: ast.Pos, s: _State) -> str | None:
 
 
 def _load_text(text: str, name: str, base: Path, stack: list[str], s: _State) -> None:
+    if text.count("->") > MAX_RULES:  # refuse before spending minutes parsing
+        s.diagnostics.append(error(
+            "E102", f"more than {MAX_RULES:,} rules in {name!r}", ast.Pos(name, 1, 1, 1, 1),
+            help_("route many host names through Redis (plugin redis_sni) instead of one "
+                  "rule each"),
+        ))
+        return
     try:
         rule_file = parse_text(text, name)
     except RulesError as exc:
@@ -188,11 +238,10 @@ def _add_item(item, base: Path, stack: list[str], s: _State) -> None:
 def _expand_include(inc: ast.Include, base: Path, stack: list[str], s: _State) -> None:
     pattern = inc.pattern if os.path.isabs(inc.pattern) else str(base / inc.pattern)
     if glob.has_magic(pattern):
-        for match in sorted(glob.glob(pattern)):
-            if os.path.isfile(match):
-                _load_file(Path(match), inc, stack, s)
+        for match in s.files.glob_files(pattern):
+            _load_file(Path(match), inc, stack, s)
         return
-    if not os.path.exists(pattern):
+    if not s.files.exists(pattern):
         s.diagnostics.append(error(
             "E110", f"included file {inc.pattern!r} does not exist", inc.pos,
             note(f"looked for {os.path.normpath(pattern)!r}, relative to the including file"),

@@ -50,9 +50,13 @@ def parse_text(text: str, path: str = "<rules>") -> ast.RuleFile:
         raise RulesError([too_deep], {path: text})
     try:
         tree = lark_parser().parse(text)
+        return ToAst(path, text).transform(tree)
     except UnexpectedInput as exc:
         raise RulesError([_syntax_diagnostic(exc, text, path)], {path: text}) from None
-    return ToAst(path, text).transform(tree)
+    except RecursionError:  # e.g. thousands of chained `not`
+        pos = ast.Pos(path, 1, 1, 1, 1)
+        raise RulesError([error("E101", "a condition is nested too deeply to read", pos,
+                                help_("split it into several rules"))], {path: text}) from None
 
 
 def _syntax_diagnostic(exc: UnexpectedInput, text: str, path: str) -> Diagnostic:
