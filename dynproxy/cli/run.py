@@ -1,4 +1,7 @@
-"""`dynproxy run` (the default command): load, validate, bind, serve until told to stop."""
+"""`dynproxy run` (the default command): load, validate, bind, serve until told to stop.
+
+The process this runs in becomes the master (proc.master); it starts the workers.
+"""
 
 from gevent import monkey
 
@@ -12,18 +15,25 @@ from dynproxy.core.config import ConfigError  # noqa: E402
 from dynproxy.lang.diagnostics import RulesError  # noqa: E402
 
 
-def _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers) -> dict:
+def _binds(values) -> list:
+    """`--udp-bind none` means no listener of that kind."""
+    return [] if list(values) == ["none"] else list(values)
+
+
+def _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers, pid_file) -> dict:
     out: dict = {}
     if tcp_bind:
-        out["server.tcp_bind"] = list(tcp_bind)
+        out["server.tcp_bind"] = _binds(tcp_bind)
     if udp_bind:
-        out["server.udp_bind"] = list(udp_bind)
+        out["server.udp_bind"] = _binds(udp_bind)
     if metrics_bind:
         out["monitoring.metrics_bind"] = metrics_bind
     if log_level:
         out["monitoring.log_level"] = log_level
     if workers is not None:
         out["server.workers"] = workers
+    if pid_file:
+        out["server.pid_file"] = pid_file
     return out
 
 
@@ -32,21 +42,34 @@ def _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers) -> dict:
               type=click.Path(dir_okay=False), help="Rule file to serve.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML config; without it the built-in defaults serve.")
-@click.option("--tcp-bind", multiple=True, metavar="HOST:PORT",
-              help="TCP listener (repeatable); replaces server.tcp_bind.")
-@click.option("--udp-bind", multiple=True, metavar="HOST:PORT",
-              help="UDP listener (repeatable); replaces server.udp_bind.")
+@click.option("--tcp-bind", multiple=True, metavar="HOST:PORT|none",
+              help="TCP listener (repeatable; 'none' for no TCP); replaces server.tcp_bind.")
+@click.option("--udp-bind", multiple=True, metavar="HOST:PORT|none",
+              help="UDP listener (repeatable; 'none' for no UDP); replaces server.udp_bind.")
 @click.option("--metrics-bind", metavar="HOST:PORT", help="Address of /metrics and /healthz.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--workers", type=int, help="Worker processes (0: one per CPU).")
-def run(rules_path, config_path, tcp_bind, udp_bind, metrics_bind, log_level, workers):
-    """Run the proxy: dynproxy --rules rules/main.rules [--config config/dynproxy.yaml]."""
+@click.option("--workers", type=click.IntRange(0, 1024),
+              help="Worker processes (0: one per CPU); replaces server.workers.")
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="Write the master's pid here (for `dynproxy reload|stop`); "
+                   "replaces server.pid_file.")
+def run(rules_path, config_path, tcp_bind, udp_bind, metrics_bind, log_level, workers,
+        pid_file):
+    """Run the proxy: dynproxy --rules rules/main.rules [--config config/dynproxy.yaml].
+
+    \b
+    Signals to the master (pid in server.pid_file, or `dynproxy reload|stop`):
+      SIGTERM, SIGINT  graceful stop: drain up to shutdown.drain_timeout (twice: fast)
+      SIGQUIT          fast stop, within a second
+      SIGHUP           reload rules, config and certificates without dropping a connection
+    """
     from dynproxy.proc.build import Sources
     from dynproxy.proc.main import serve_main
 
-    src = Sources(rules_path, config_path,
-                  _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers))
     try:
+        src = Sources(rules_path, config_path,
+                      _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers,
+                                 pid_file))
         code = serve_main(src)
     except RulesError as exc:
         click.echo(exc.render(), err=True, nl=False)

@@ -1,147 +1,190 @@
-"""One serving process: listeners, the metrics endpoint, background jobs, signals.
+"""One serving process: its listeners, the snapshot they serve, reload and drain.
 
-Used directly with one worker, and by each worker process under the master. It
-loads nothing itself: it is handed a ready Snapshot (rules compiled and linted,
-config validated). Reload = build a new Snapshot off to the side and swap one
-reference; shutdown = stop accepting, drain up to the timeout, close the rest.
-Signal handlers only record the signal; the owner loop acts on it.
+Each worker process runs one Server (proc.worker owns its loop and signals; the
+master owns the rest). It loads nothing itself: it is handed ready Snapshots (rules
+compiled and linted, config validated). Reload = swap one reference, after opening
+any listener the new config adds; listeners it drops stop accepting and finish what
+they carry. Shutdown = stop accepting, drain up to a deadline, close the rest.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
+from typing import Callable
 
 import gevent
-from gevent.event import Event
-from gevent.queue import Queue
+from gevent.pool import Group
 
 from dynproxy.net.state import Serving, Snapshot
 from dynproxy.net.tcp import TcpProxy, open_tcp_listener
+from dynproxy.net.tls_watch import CertWatcher
 from dynproxy.net.udp import UdpProxy, open_udp_socket
 
 log = logging.getLogger("dynproxy.serve")
+
+DRAIN_POLL = 0.05  # seconds between looks at the open-connection count while draining
+Key = tuple[str, str, int]  # (proto, host, port) of a listener
 
 
 class Server:
     """Owns every listener and background greenlet of one process."""
 
     def __init__(self, snapshot: Snapshot, metrics, *, reuse_port: bool = False,
-                 reloader=None, jobs=None):
+                 jobs=None, report_lifecycle: bool = True):
         self.serving = Serving(snapshot)
         self.metrics = metrics
         self.reuse_port = reuse_port
-        self.reloader = reloader  # callable(previous Snapshot) -> Snapshot, raises on error
-        self.jobs = jobs  # proc.jobs.Jobs: health checks, Redis watchers (may be None)
-        self.tcp: list[TcpProxy] = []
-        self.udp: list[UdpProxy] = []
+        self.jobs = jobs  # health checks, Redis watchers (None in workers: the master runs them)
+        self.cert_watcher = CertWatcher(metrics)  # certificate files replaced on disk
+        self.report_lifecycle = report_lifecycle  # workers leave the gauge to the master
+        self.tcp: dict[Key, TcpProxy] = {}
+        self.udp: dict[Key, UdpProxy] = {}
+        self.retired_tcp: list[TcpProxy] = []  # stopped accepting, still carrying connections
+        self.background = Group()
         self.state = "starting"
-        self.signals: Queue = Queue()
-        self.stopped = Event()
+        self.stopped = False
 
     # starting ----------------------------------------------------------------------
     def open_listeners(self) -> None:
         """Bind everything first, so a taken port fails the start before serving."""
-        cfg = self.serving.current.config.server
-        for bind in cfg.tcp_bind:
-            sock = open_tcp_listener(bind.host, bind.port, cfg.backlog, self.reuse_port)
-            name = _listener_name("tcp", bind.host, sock.getsockname()[1])
-            self.tcp.append(TcpProxy(sock, name, self.serving, self.metrics,
-                                     cfg.max_connections))
-        for lst in cfg.udp_bind:
-            sock = open_udp_socket(lst.bind.host, lst.bind.port, self.reuse_port)
-            name = _listener_name("udp", lst.bind.host, sock.getsockname()[1])
-            self.udp.append(UdpProxy(sock, name, self.serving, self.metrics,
-                                     lst.session_idle or cfg.timeouts.udp_session_idle,
-                                     lst.max_sessions or cfg.udp_max_sessions))
+        tcp, udp = self._open_missing(self.serving.current)
+        self.tcp.update(tcp)
+        self.udp.update(udp)
 
     def start(self) -> None:
-        for proxy in [*self.tcp, *self.udp]:
+        for proxy in self._listeners():
             proxy.start()
+        self.cert_watcher.start(self.serving)
         if self.jobs is not None:
             self.jobs.start(self.serving)
-        self._set_state("serving")
+        self.set_state("serving")
 
-    def _set_state(self, state: str) -> None:
+    def set_state(self, state: str) -> None:
         self.state = state
-        self.metrics.set_lifecycle_state(state)
+        if self.report_lifecycle:
+            self.metrics.set_lifecycle_state(state)
         log.info("state: %s", state, extra={"state": state})
 
-    # signals -------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
-            gevent.signal_handler(sig, self.signals.put, sig)
+    def _listeners(self) -> list:
+        return [*self.tcp.values(), *self.udp.values()]
 
-    def run_forever(self) -> int:
-        """Dispatch signals until stopped; returns the exit code."""
-        while not self.stopped.is_set():
-            sig = self.signals.get()
-            handler = {signal.SIGHUP: self.reload, signal.SIGQUIT: self.stop_fast}.get(
-                sig, self.stop_graceful)
-            handler()
-        return 0
+    def _open_missing(self, snapshot: Snapshot) -> tuple[dict, dict]:
+        """Listeners `snapshot` asks for that are not open yet; all or none (BindError)."""
+        cfg = snapshot.config.server
+        tcp: dict[Key, TcpProxy] = {}
+        udp: dict[Key, UdpProxy] = {}
+        try:
+            for bind in cfg.tcp_bind:
+                key = ("tcp", bind.host, bind.port)
+                if key not in self.tcp and key not in tcp:
+                    tcp[key] = self._open_tcp(bind, cfg)
+            for lst in cfg.udp_bind:
+                key = ("udp", lst.bind.host, lst.bind.port)
+                if key not in self.udp and key not in udp:
+                    udp[key] = self._open_udp(lst, cfg)
+        except BaseException:
+            for proxy in [*tcp.values(), *udp.values()]:
+                proxy.kill_all(timeout=0)
+                proxy.stop_accepting()
+            raise
+        return tcp, udp
+
+    def _open_tcp(self, bind, cfg) -> TcpProxy:
+        sock = open_tcp_listener(bind.host, bind.port, cfg.backlog, self.reuse_port)
+        name = listener_name("tcp", bind.host, sock.getsockname()[1])
+        return TcpProxy(sock, name, self.serving, self.metrics, cfg.max_connections)
+
+    def _open_udp(self, lst, cfg) -> UdpProxy:
+        sock = open_udp_socket(lst.bind.host, lst.bind.port, self.reuse_port)
+        name = listener_name("udp", lst.bind.host, sock.getsockname()[1])
+        return UdpProxy(sock, name, self.serving, self.metrics,
+                        lst.session_idle or cfg.timeouts.udp_session_idle,
+                        lst.max_sessions or cfg.udp_max_sessions)
 
     # reload ------------------------------------------------------------------------------
-    def reload(self) -> bool:
-        if self.reloader is None:
-            return False
-        self._set_state("reloading")
-        try:
-            snapshot = self.reloader(self.serving.current)
-        except Exception as exc:  # noqa: BLE001 - a bad reload keeps the old state
-            self.metrics.reloads_total.labels("failed").inc()
-            log.error("reload failed, still serving generation %d: %s",
-                      self.serving.current.generation, exc)
-            self._set_state("serving")
-            return False
+    def swap(self, snapshot: Snapshot) -> None:
+        """Serve `snapshot` from now on. New listeners are opened first (BindError leaves
+        everything as it was); listeners it no longer names stop accepting and finish
+        their connections; the others keep their sockets, connections and sessions."""
+        tcp, udp = self._open_missing(snapshot)
         self.serving.swap(snapshot)
+        for proxy in [*tcp.values(), *udp.values()]:
+            proxy.start()
+        self.tcp.update(tcp)
+        self.udp.update(udp)
+        self._retire_dropped(snapshot)
+        self.cert_watcher.reconfigure(self.serving)
         if self.jobs is not None:
             self.jobs.reconfigure(self.serving)
-        self.metrics.reloads_total.labels("ok").inc()
         self.metrics.config_generation.set(snapshot.generation)
-        log.info("reloaded: generation %d", snapshot.generation)
-        self._set_state("serving")
-        return True
+
+    def _retire_dropped(self, snapshot: Snapshot) -> None:
+        self.retired_tcp = [p for p in self.retired_tcp if len(p.pool)]
+        cfg = snapshot.config.server
+        keep_tcp = {("tcp", b.host, b.port) for b in cfg.tcp_bind}
+        keep_udp = {("udp", lst.bind.host, lst.bind.port) for lst in cfg.udp_bind}
+        for key in [k for k in self.tcp if k not in keep_tcp]:
+            proxy = self.tcp.pop(key)
+            proxy.stop_accepting()
+            self.retired_tcp.append(proxy)
+            log.info("listener %s closed; its %d connection(s) finish", proxy.name,
+                     len(proxy.pool))
+        for key in [k for k in self.udp if k not in keep_udp]:
+            proxy = self.udp.pop(key)
+            proxy.stop_accepting()
+            self.background.spawn(_close_when_idle, proxy)
+            log.info("listener %s takes no new sessions; it closes when its %d session(s) "
+                     "end", proxy.name, proxy.sessions)
 
     # stopping ------------------------------------------------------------------------------
     def stop_accepting(self) -> None:
-        for proxy in [*self.tcp, *self.udp]:
+        for proxy in self._listeners():
             proxy.stop_accepting()
 
     def open_connections(self) -> int:
         """TCP connections still open. UDP sessions are not waited for: a session has
         no end but silence, so they keep relaying during the drain and close with it."""
-        return sum(len(p.pool) for p in self.tcp)
+        return sum(len(p.pool) for p in [*self.tcp.values(), *self.retired_tcp])
 
-    def stop_graceful(self) -> None:
-        """Stop accepting now; let connections finish up to the drain timeout."""
-        self._set_state("draining")
+    def drain(self, timeout: float, interrupted: Callable[[], bool]) -> None:
+        """Stop accepting now; let connections finish up to `timeout` seconds or until
+        `interrupted()` says to hurry; then close the rest (stop_fast)."""
+        self.set_state("draining")
         self.stop_accepting()
-        timeout = self.serving.current.config.shutdown.drain_timeout
         deadline = time.monotonic() + timeout
-        log.info("draining %d connection(s) for up to %ss", self.open_connections(), timeout)
+        log.info("stopped accepting; draining %d connection(s) for up to %ss",
+                 self.open_connections(), timeout, extra={"event": "draining"})
         while self.open_connections() and time.monotonic() < deadline:
-            if not self.signals.empty() and self.signals.get() in (
-                    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                log.warning("second signal during drain: closing everything now")
+            if interrupted():
+                log.warning("told to hurry during the drain: closing everything now")
                 break
-            gevent.sleep(0.05)
+            gevent.sleep(DRAIN_POLL)
         self.stop_fast()
 
     def stop_fast(self) -> None:
-        self._set_state("stopping")
+        if self.stopped:
+            return
+        self.set_state("stopping")
         self.stop_accepting()
         left = self.open_connections()
         if left:
             log.info("closing %d connection(s)", left)
-        for proxy in [*self.tcp, *self.udp]:
-            proxy.kill_all()
+        self.background.kill(block=False)
+        self.cert_watcher.stop()
+        for proxy in [*self._listeners(), *self.retired_tcp]:
+            proxy.kill_all(timeout=0.5)
         if self.jobs is not None:
             self.jobs.stop()
-        self.stopped.set()
+        self.stopped = True
 
 
-def _listener_name(proto: str, host: str, port: int) -> str:
+def _close_when_idle(proxy: UdpProxy) -> None:
+    while proxy.sessions:
+        gevent.sleep(1.0)
+    proxy.kill_all()
+
+
+def listener_name(proto: str, host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else (host or "0.0.0.0")
     return f"{proto}:{shown}:{port}"
