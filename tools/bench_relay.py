@@ -2,7 +2,8 @@
 """Micro benchmark of dynproxy.net.relay: relayed pairs against direct connections.
 
     python tools/bench_relay.py [--seconds 2] [--streams 1,4] [--clients 32]
-                                [--idle 2000] [--paths splice,copy] [--profile]
+                                [--idle 2000] [--paths splice,copy] [--buffer-size 65536]
+                                [--profile]
 
 Two processes, so the relay's CPU is measured alone: this one is a minimal proxy (an
 accept loop; per connection one greenlet that connects upstream and calls relay()),
@@ -13,7 +14,9 @@ Each workload runs direct (clients to backends) and then through the proxy:
   short   C client loops of connect, 100-byte request, 100-byte reply, close:
           connections/s, proxy CPU microseconds per connection (accept + connect +
           relay + close: what a proxy pays per connection, load generator excluded)
-  idle    K proxied connections opened then left silent: proxy RSS growth per connection
+  idle    K proxied connections opened then left silent: RSS growth per connection of a
+          fresh proxy process; "hold" is the same proxy whose greenlets only hold the two
+          sockets (the floor: greenlet, sockets, accept), so relay's own share is the rest
 
 The load generator is Python too, so rates are bounded by it (compare with direct);
 the proxy CPU figures are the ones that compare with HAProxy (~90 us per short
@@ -152,11 +155,12 @@ def run_load() -> None:
 class Proxy:
     """A minimal proxy around relay(): accept, connect upstream, relay, in one greenlet."""
 
-    def __init__(self, backend_port: int, use_splice: bool) -> None:
+    def __init__(self, backend_port: int, path: str, buffer_size: int = 65536) -> None:
         self.listener = listen()
         self.port = self.listener.getsockname()[1]
         self.upstream = ("127.0.0.1", backend_port)
-        self.use_splice = use_splice
+        self.path = path
+        self.buffer_size = buffer_size
         self.open = 0
         self.acceptor = gevent.spawn(serve, self.listener, self.handle)
 
@@ -165,7 +169,11 @@ class Proxy:
         upstream = socket.socket()
         try:
             upstream.connect(self.upstream)
-            relay(client, upstream, use_splice=self.use_splice)
+            if self.path == "hold":
+                gevent.sleep(3600)
+            else:
+                relay(client, upstream, use_splice=self.path == "splice",
+                      buffer_size=self.buffer_size)
         finally:
             self.open -= 1
 
@@ -188,8 +196,17 @@ class Load:
         return json.loads(self.proc.stdout.readline())
 
     def stop(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=10)
+        stop_child(self.proc)
+
+
+def stop_child(proc: subprocess.Popen) -> None:
+    """Close its stdin (it exits at EOF); kill it by its pid if it has not within 10 s."""
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def cpu_seconds() -> float:
@@ -218,17 +235,36 @@ def bench_short(load: Load, target: int, clients: int, seconds: float) -> tuple[
     return out["conns"] / out["elapsed"], cpu / out["conns"] * 1e6
 
 
-def bench_idle(load: Load, proxy: Proxy, count: int) -> float:
-    load.run(workload="idle", target=proxy.port, count=10)  # warm the pools and free lists
-    while proxy.open < 10:
-        gevent.sleep(0.01)
-    before = rss_bytes()
-    load.run(workload="idle", target=proxy.port, count=count)
-    while proxy.open < count + 10:
-        gevent.sleep(0.01)
-    grown = rss_bytes() - before
+def bench_idle(load: Load, path: str, count: int) -> float:
+    """RSS growth per idle connection of a fresh proxy process (--role idle)."""
+    proxy = subprocess.Popen([sys.executable, __file__, "--role", "idle", "--paths", path,
+                              "--backend", str(load.backend)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(proxy.stdout.readline())
+
+    def rss_when_open(n: int) -> int:
+        proxy.stdin.write(f"{n}\n")
+        proxy.stdin.flush()
+        return int(proxy.stdout.readline())
+
+    load.run(workload="idle", target=port, count=10)  # warm the free lists and caches
+    before = rss_when_open(10)
+    load.run(workload="idle", target=port, count=count)
+    grown = rss_when_open(count + 10) - before
     load.run(workload="drop")
+    stop_child(proxy)
     return grown / count
+
+
+def run_idle_proxy(args) -> None:
+    """Child process: a fresh proxy that reports its RSS once N connections are open."""
+    proxy = Proxy(args.backend, args.paths[0])
+    print(proxy.port, flush=True)
+    for line in sys.stdin:
+        while proxy.open < int(line):
+            gevent.sleep(0.01)
+        gevent.sleep(0.05)
+        print(rss_bytes(), flush=True)
 
 
 def run_proxy(args) -> None:
@@ -241,7 +277,7 @@ def run_proxy(args) -> None:
     rows.append((f"short, {args.clients} clients", "direct", f"{rate:,.0f} conn/s", "-"))
     profiler = start_profile() if args.profile else None
     for path in args.paths:
-        proxy = Proxy(load.backend, use_splice=(path == "splice"))
+        proxy = Proxy(load.backend, path, args.buffer_size)
         for streams in args.streams:
             rate, cpu = bench_bulk(load, proxy.port, streams, args.seconds)
             rows.append((f"bulk {streams} stream(s)", path, f"{rate:,.0f} MB/s",
@@ -249,21 +285,21 @@ def run_proxy(args) -> None:
         rate, cpu = bench_short(load, proxy.port, args.clients, args.seconds)
         rows.append((f"short, {args.clients} clients", path, f"{rate:,.0f} conn/s",
                      f"{cpu:.1f} CPU us/conn"))
-        if args.idle:
-            per_conn = bench_idle(load, proxy, args.idle)
-            rows.append((f"idle x{args.idle}", path, f"{per_conn / 1024:.2f} KB/conn RSS", "-"))
         proxy.stop()
-    load.stop()
-    print_table(rows)
     if profiler is not None:
         stop_profile(profiler)
+    for path in ["hold", *args.paths] if args.idle else []:
+        per_conn = bench_idle(load, path, args.idle)
+        rows.append((f"idle x{args.idle}", path, f"{per_conn / 1024:.2f} KB/conn RSS", "-"))
+    load.stop()
+    print_table(rows)
 
 
 def print_table(rows) -> None:
     header = ("workload", "path", "rate", "proxy process cost")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
     for row in (header, tuple("-" * w for w in widths), *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def start_profile():
@@ -283,17 +319,22 @@ def stop_profile(profiler) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--role", choices=["proxy", "load"], default="proxy")
+    parser.add_argument("--role", choices=["proxy", "load", "idle"], default="proxy")
+    parser.add_argument("--backend", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 4])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--idle", type=int, default=2000)
     parser.add_argument("--paths", type=lambda s: s.split(","), default=["splice", "copy"])
+    parser.add_argument("--buffer-size", type=int, default=65536,
+                        help="relay() buffer_size: bytes in flight per direction")
     parser.add_argument("--profile", action="store_true", help="cProfile the proxy process")
     args = parser.parse_args()
     if args.role == "load":
         run_load()
+    elif args.role == "idle":
+        run_idle_proxy(args)
     else:
         run_proxy(args)
 

@@ -6,8 +6,8 @@ so nothing is allocated for them) whose callback switches back into this greenle
 small int naming the event, and parks in `hub.switch()` in between. One greenlet per
 connection, one switch per readiness event, no Waiter or Timeout objects.
 
-Bytes go through `splice(2)` and a pipe borrowed from a per-process free list only while
-bytes are in flight, so an idle connection owns no pipe and no buffer, and the bytes
+Bytes go through `splice(2)` and a pipe borrowed from a per-process free list
+(`relay_pools.PIPES`) only while bytes are in flight, so an idle connection owns no pipe and no buffer, and the bytes
 never enter Python. Without splice (`use_splice=False`, or a socket type splice refuses)
 the same loop copies through a pooled buffer with `recv_into`/`send`.
 
@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import errno
 import os
-import posix
 import socket
 import ssl
 import struct
 from dataclasses import dataclass
-from fcntl import F_SETPIPE_SZ, fcntl
 
 import gevent.ssl
 from gevent.hub import get_hub
 from greenlet import getcurrent
+
+from dynproxy.net.relay_pools import BUFFERS, PIPES, BufferPool, PipePool
 
 __all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool", "RelayResult", "relay"]
 
@@ -42,13 +42,12 @@ _UP_READ, _UP_WRITE, _DOWN_READ, _DOWN_WRITE, _TICK = range(5)
 # The idle timer ticks this many times per idle_timeout: one timer started once per
 # connection (never re-armed per chunk), and a silent pair ends within 1/8 of the timeout.
 _IDLE_TICKS = 8
-_DEFAULT_PIPE_BYTES = 65536  # Linux's default pipe capacity: no fcntl needed up to this
+# A read that fills the whole chunk means more is waiting: read again at once rather
+# than after another trip through the event loop, a few times before letting others run.
+_READS_PER_WAKEUP = 4
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
 _TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)
-# gevent's monkey-patched os.close defers every close through a check watcher (fstat,
-# fcntl, an Event) in case the fd has watchers; pipes here never have any: close now.
-_close_fd = posix.close
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,103 +65,6 @@ class RelayResult:
     bytes_down: int
     end: str
     ended_by: str
-
-
-class PipePool:
-    """Bounded per-process free list of empty non-blocking pipes, shared by all relays.
-
-    A relay takes a pipe when bytes become readable and gives it back as soon as it is
-    empty again, so a process needs about as many pipes as it has connections with bytes
-    in flight. A pipe that may hold bytes is discarded (closed), never given back.
-    """
-
-    __slots__ = ("limit", "created", "lent", "_free")
-
-    def __init__(self, limit: int = 64) -> None:
-        self.limit = limit
-        self.created = 0  # pipes ever created: tests and metrics see the reuse
-        self.lent = 0  # pipes currently held by relays
-        self._free: list[tuple[int, int]] = []
-
-    def __len__(self) -> int:
-        return len(self._free)
-
-    def take(self, size: int) -> tuple[int, int]:
-        """An empty pipe (read_fd, write_fd), reused when one is free."""
-        pipe = self._free.pop() if self._free else self._create(size)
-        self.lent += 1
-        return pipe
-
-    def give(self, pipe: tuple[int, int]) -> None:
-        """Return an EMPTY pipe; beyond `limit` free pipes it is closed instead."""
-        self.lent -= 1
-        if len(self._free) < self.limit:
-            self._free.append(pipe)
-        else:
-            _close_pipe(pipe)
-
-    def discard(self, pipe: tuple[int, int]) -> None:
-        """Close a pipe that may still hold bytes."""
-        self.lent -= 1
-        _close_pipe(pipe)
-
-    def close_idle(self) -> None:
-        """Close every free pipe (shutdown, tests, and a forked child's inherited ones)."""
-        free, self._free = self._free, []
-        for pipe in free:
-            _close_pipe(pipe)
-
-    def _create(self, size: int) -> tuple[int, int]:
-        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.created += 1
-        if size > _DEFAULT_PIPE_BYTES:
-            try:
-                fcntl(pipe[1], F_SETPIPE_SZ, size)
-            except OSError:  # above fs.pipe-max-size: the default size works, in smaller steps
-                pass
-        return pipe
-
-
-class BufferPool:
-    """Bounded per-process free list of copy buffers (memoryviews) of one size.
-
-    Used only by the copy path; a buffer is held while its bytes are in flight.
-    Buffers of another size are allocated per use and dropped after.
-    """
-
-    __slots__ = ("size", "limit", "lent", "_free")
-
-    def __init__(self, size: int = 65536, limit: int = 64) -> None:
-        self.size = size
-        self.limit = limit
-        self.lent = 0  # buffers currently held by relays
-        self._free: list[memoryview] = []
-
-    def __len__(self) -> int:
-        return len(self._free)
-
-    def take(self, size: int) -> memoryview:
-        self.lent += 1
-        if size == self.size and self._free:
-            return self._free.pop()
-        return memoryview(bytearray(size))
-
-    def give(self, view: memoryview) -> None:
-        self.lent -= 1
-        if len(view) == self.size and len(self._free) < self.limit:
-            self._free.append(view)
-
-
-PIPES = PipePool()
-BUFFERS = BufferPool()
-# A forked child must never share a pipe with its parent: two processes splicing through
-# one pipe would interleave their connections' bytes.
-os.register_at_fork(after_in_child=PIPES.close_idle)
-
-
-def _close_pipe(pipe: tuple[int, int]) -> None:
-    _close_fd(pipe[0])
-    _close_fd(pipe[1])
 
 
 class _Broken(Exception):
@@ -219,9 +121,14 @@ class _Flow:
         """Stop both watchers and give back (or, with bytes in it, close) the pipe."""
         self.reader.stop()
         self.writer.stop()
+        # A kill's traceback holds our frames; without this, frame -> flow -> greenlet
+        # -> exception -> traceback -> frame would be a cycle only the cyclic GC frees.
+        self.switch = None
         pipe, self.pipe = self.pipe, None
-        if pipe is not None:
-            PIPES.discard(pipe) if self.inflight else PIPES.give(pipe)
+        if pipe is not None and self.inflight:
+            PIPES.discard(pipe)
+        elif pipe is not None:
+            PIPES.give(pipe)
         view, self.view, self.out = self.view, None, None
         if view is not None:
             BUFFERS.give(view)
@@ -251,13 +158,24 @@ class _Flow:
         self.reader.start(self.switch, self.token)
 
     def _finish(self) -> None:
-        """src sent EOF with nothing pending: pass the half-close on to dst."""
+        """src sent EOF with nothing pending: this direction is done (see half_close)."""
         self.reader.stop()
         self.done = True
+
+    def half_close(self) -> None:
+        """Pass src's EOF on to dst while the other direction goes on.
+
+        Not called for the direction that finishes last: closing both sockets right
+        after sends that FIN anyway, one syscall fewer per connection. ENOTCONN means
+        dst's connection is already gone (its peer closed fully and was reset, e.g. a
+        client that closed before the server's last bytes): the half-close is moot, not
+        a reset; if dst's peer aborted mid-stream, its own read says so.
+        """
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            raise _Broken.from_error(exc, self.peer) from None
+            if exc.errno != errno.ENOTCONN:
+                raise _Broken.from_error(exc, self.peer) from None
 
 
 class _SpliceFlow(_Flow):
@@ -269,20 +187,24 @@ class _SpliceFlow(_Flow):
         pipe = self.pipe
         if pipe is None:
             pipe = self.pipe = PIPES.take(self.size)
-        try:
-            got = _SPLICE(self.src_fd, pipe[1], self.size, None, None, _SPLICE_FLAGS)
-        except BlockingIOError:
-            got = -1  # spurious wakeup
-        except OSError as exc:
-            if exc.errno == errno.EINVAL and not self.moved:
-                return self._fall_back_to_copy()
-            raise _Broken.from_error(exc, self.side) from None
-        if got > 0:
+        size = self.size
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                got = _SPLICE(self.src_fd, pipe[1], size, None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                break  # spurious wakeup, or drained
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not self.moved:
+                    return self._fall_back_to_copy()
+                raise _Broken.from_error(exc, self.side) from None
+            if not got:
+                self._finish()
+                break
             self.inflight = got
             if not self._drain():
                 return self._wait_writable()
-        elif got == 0:
-            self._finish()
+            if got < size:
+                break
         self.pipe = None
         PIPES.give(pipe)
 
@@ -335,18 +257,22 @@ class _CopyFlow(_Flow):
         view = self.view
         if view is None:
             view = self.view = BUFFERS.take(self.size)
-        try:
-            got = self.src.recv_into(view)
-        except BlockingIOError:
-            got = -1  # spurious wakeup
-        except OSError as exc:
-            raise _Broken.from_error(exc, self.side) from None
-        if got > 0:
-            self.out = view if got == len(view) else view[:got]
+        size = len(view)
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                got = self.src.recv_into(view)
+            except BlockingIOError:
+                break  # spurious wakeup, or drained
+            except OSError as exc:
+                raise _Broken.from_error(exc, self.side) from None
+            if not got:
+                self._finish()
+                break
+            self.out = view if got == size else view[:got]
             if not self._drain():
                 return self._wait_writable()
-        elif got == 0:
-            self._finish()
+            if got < size:
+                break
         self.view = None
         BUFFERS.give(view)
 
@@ -417,6 +343,7 @@ def relay(client: socket.socket, upstream: socket.socket, *, initial_up: bytes =
             _abort(ends[1][0] if broken.side == "client" else ends[0][0])
     finally:
         _clean_up(ticker, up, down, ends, client, upstream)
+        switch = None  # see _Flow.release: no frame -> greenlet reference survives us
     return RelayResult(up.moved, down.moved, end, first)
 
 
@@ -447,10 +374,11 @@ def _pump(hub, up: _Flow, down: _Flow) -> tuple[str, str]:
                 flow.on_writable()
             else:
                 flow.on_readable()
-            if flow.done:
+            if flow.done:  # it finished at this very event: no event follows a done flow
                 if up.done and down.done:
                     return "closed", first
-                first = first or flow.side
+                first = flow.side
+                flow.half_close()
     except _Broken as broken:
         broken.first = first or broken.side
         raise
@@ -480,7 +408,7 @@ def _clean_up(ticker, up, down, ends, client, upstream) -> None:
     for flow in (up, down):
         if flow is not None:
             flow.release()
-    for end, sock in zip(ends, (client, upstream)):
+    for end, sock in zip(ends, (client, upstream), strict=True):
         if end[0] is sock:  # stdlib socket: the watchers were ours
             end[2].close()
             end[3].close()

@@ -2,7 +2,7 @@
 
 Each test builds the four sockets of one proxied connection: the test's client end,
 the proxy's client side and upstream side (handed to relay()), and the test's server
-end. Every test runs through both the splice path and the copy path.
+end. Most tests run through both the splice path and the copy path.
 """
 
 import errno
@@ -17,6 +17,7 @@ import time
 import gevent
 import pytest
 from gevent.hub import get_hub
+from gevent.monkey import get_original
 
 from dynproxy.net import relay as relay_mod
 from dynproxy.net.relay import BUFFERS, PIPES, BufferPool, PipePool, RelayResult, relay
@@ -24,26 +25,43 @@ from dynproxy.net.relay import BUFFERS, PIPES, BufferPool, PipePool, RelayResult
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411  # bytes queued to read / not yet sent by a socket
 LINGER_ABORT = struct.pack("ii", 1, 0)
+StdlibSocket = get_original("socket", "socket")
+LISTENER: list[socket.socket] = []  # made on first use, kept for the whole module
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of one real TCP connection on loopback."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
+    """Two ends of one real TCP connection on loopback.
+
+    One listener serves every pair (pairs are made one at a time, so accept returns the
+    one just connected): a busy machine full of TIME_WAIT sockets runs out of free
+    ports for a listener per pair long before it runs out of connections.
+    """
+    if not LISTENER:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        LISTENER.append(listener)
     near = socket.socket()
-    near.connect(listener.getsockname())  # a numeric address: no resolver thread, no fds
-    far, _ = listener.accept()
-    listener.close()
+    near.connect(LISTENER[0].getsockname())  # a numeric address: no resolver thread
+    far, _ = LISTENER[0].accept()
     return near, far
+
+
+def stdlib_socket(sock: socket.socket) -> socket.socket:
+    """The same connection as a plain stdlib socket object (no gevent watchers of its own)."""
+    return StdlibSocket(fileno=sock.detach())
 
 
 class Pair:
     """client_end <-TCP-> proxy_client [relay] proxy_upstream <-TCP-> server_end."""
 
-    def __init__(self, bufsize: int | None = None) -> None:
+    def __init__(self, bufsize: int | None = None, stdlib: bool = False) -> None:
         self.client_end, self.proxy_client = tcp_pair()
         self.proxy_upstream, self.server_end = tcp_pair()
+        if stdlib:
+            self.proxy_client = stdlib_socket(self.proxy_client)
+            self.proxy_upstream = stdlib_socket(self.proxy_upstream)
         if bufsize:
             for sock in self.sockets():
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
@@ -120,6 +138,20 @@ def test_10mb_each_way_is_byte_exact(use_splice):
 
 
 @pytest.mark.parametrize("use_splice", MODES)
+def test_stdlib_sockets_relay_too(use_splice):
+    pair = Pair(stdlib=True)
+    up_data, down_data = os.urandom(1 << 20), os.urandom(1 << 20)
+    job = pair.spawn(use_splice=use_splice)
+    gevent.spawn(send_then_shut, pair.client_end, up_data)
+    gevent.spawn(send_then_shut, pair.server_end, down_data)
+    assert recv_all(pair.server_end) == up_data
+    assert recv_all(pair.client_end) == down_data
+    assert job.get(timeout=10) == RelayResult(1 << 20, 1 << 20, "closed", job.value.ended_by)
+    assert pair.proxy_client.fileno() == pair.proxy_upstream.fileno() == -1
+    pair.close_ends()
+
+
+@pytest.mark.parametrize("use_splice", MODES)
 def test_initial_bytes_go_upstream_first_and_count(use_splice):
     pair = Pair()
     job = pair.spawn(initial_up=b"\x16\x03\x01peeked", use_splice=use_splice)
@@ -128,6 +160,20 @@ def test_initial_bytes_go_upstream_first_and_count(use_splice):
     pair.server_end.shutdown(socket.SHUT_WR)
     assert recv_all(pair.client_end) == b""
     assert job.get(timeout=10) == RelayResult(14, 0, "closed", "client")
+    pair.close_ends()
+
+
+@pytest.mark.parametrize("use_splice", MODES)
+def test_initial_bytes_larger_than_the_socket_buffers_wait_for_upstream(use_splice):
+    pair = Pair(bufsize=65536)
+    initial, rest = os.urandom(4 << 20), os.urandom(1 << 20)
+    job = pair.spawn(initial_up=initial, use_splice=use_splice)
+    gevent.spawn(send_then_shut, pair.client_end, rest)
+    gevent.sleep(0.05)  # upstream is not reading yet: the send of `initial` was partial
+    assert not job.ready()
+    assert digest(recv_all(pair.server_end)) == digest(initial + rest)
+    pair.server_end.shutdown(socket.SHUT_WR)
+    assert job.get(timeout=10) == RelayResult(5 << 20, 0, "closed", "client")
     pair.close_ends()
 
 
@@ -295,11 +341,14 @@ def test_slow_reader_bounds_what_the_relay_holds(use_splice):
 
 
 @pytest.mark.parametrize("use_splice", MODES)
-def test_killed_mid_transfer_leaves_no_fd_and_no_watcher(use_splice):
+@pytest.mark.parametrize("stdlib", [False, True], ids=["gevent-sockets", "stdlib-sockets"])
+def test_killed_mid_transfer_leaves_no_fd_and_no_watcher(use_splice, stdlib):
+    for sock in tcp_pair():  # the shared listener exists before the count
+        sock.close()
     PIPES.close_idle()
     loop = get_hub().loop
     fds_before, watchers_before = open_fds(), loop.activecnt
-    pair = Pair(bufsize=32768)
+    pair = Pair(bufsize=32768, stdlib=stdlib)
     job = pair.spawn(use_splice=use_splice)
     pusher = gevent.spawn(pair.client_end.sendall, os.urandom(8 << 20))
     first = pair.server_end.recv(65536)  # bytes are flowing; then nobody reads
@@ -345,7 +394,7 @@ def test_200_concurrent_relays_are_byte_exact(use_splice):
     for at_server, up_data, at_client, down_data in checks:
         assert at_server.get(timeout=30) == up_data
         assert at_client.get(timeout=30) == down_data
-    for job, (_, up_data, _, down_data) in zip(jobs, checks):
+    for job, (_, up_data, _, down_data) in zip(jobs, checks, strict=True):
         result = job.get(timeout=30)
         assert (result.bytes_up, result.bytes_down, result.end) == (
             len(up_data), len(down_data), "closed")
@@ -396,12 +445,14 @@ def test_pipe_pool_closes_what_it_does_not_keep():
     assert (pool.lent, len(pool)) == (0, 0)
 
 
-def test_buffer_pool_keeps_only_its_size_up_to_its_limit():
-    pool = BufferPool(size=1024, limit=1)
-    a, b, odd = pool.take(1024), pool.take(1024), pool.take(10)
-    for view in (a, b, odd):
+def test_buffer_pool_keeps_up_to_its_limit_per_size():
+    pool = BufferPool(limit=1)
+    a, b, small = pool.take(1024), pool.take(1024), pool.take(10)
+    assert (len(a), len(small)) == (1024, 10)
+    for view in (a, b, small):
         pool.give(view)
-    assert len(pool) == 1 and pool.take(1024) is a and pool.lent == 1
+    assert len(pool) == 2 and pool.lent == 0
+    assert pool.take(1024) is a and pool.take(10) is small and pool.take(1024) is not b
 
 
 def test_splice_refused_by_the_socket_falls_back_to_copy(monkeypatch):

@@ -1,0 +1,120 @@
+"""Per-process free lists of the relay's in-flight storage: pipes (splice) and buffers (copy).
+
+A relay borrows one pipe or buffer per direction only while bytes are in flight and
+gives it back as soon as it is empty, so idle connections hold none and a busy process
+needs about as many as it has connections with bytes in flight. Both lists are bounded;
+beyond the bound, returned pipes are closed and buffers dropped.
+
+Must never: hand out a pipe that may hold bytes (a pipe that may is discarded, never
+given back), register a watcher on a pipe, or let a forked child share its parent's pipes.
+"""
+
+from __future__ import annotations
+
+import os
+import posix
+from fcntl import F_SETPIPE_SZ, fcntl
+
+__all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool"]
+
+_DEFAULT_PIPE_BYTES = 65536  # Linux's default pipe capacity: no fcntl needed up to this
+# gevent's monkey-patched os.close defers every close through a check watcher (fstat,
+# fcntl, an Event) in case the fd has watchers; these pipes never have any: close now.
+_close_fd = posix.close
+
+
+class PipePool:
+    """Bounded per-process free list of empty non-blocking pipes, shared by all relays.
+
+    A relay takes a pipe when bytes become readable and gives it back as soon as it is
+    empty again, so a process needs about as many pipes as it has connections with bytes
+    in flight. A pipe that may hold bytes is discarded (closed), never given back.
+    """
+
+    __slots__ = ("limit", "created", "lent", "_free")
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.created = 0  # pipes ever created: tests and metrics see the reuse
+        self.lent = 0  # pipes currently held by relays
+        self._free: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, size: int) -> tuple[int, int]:
+        """An empty pipe (read_fd, write_fd), reused when one is free."""
+        pipe = self._free.pop() if self._free else self._create(size)
+        self.lent += 1
+        return pipe
+
+    def give(self, pipe: tuple[int, int]) -> None:
+        """Return an EMPTY pipe; beyond `limit` free pipes it is closed instead."""
+        self.lent -= 1
+        if len(self._free) < self.limit:
+            self._free.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """Close a pipe that may still hold bytes."""
+        self.lent -= 1
+        _close_pipe(pipe)
+
+    def close_idle(self) -> None:
+        """Close every free pipe (shutdown, tests, and a forked child's inherited ones)."""
+        free, self._free = self._free, []
+        for pipe in free:
+            _close_pipe(pipe)
+
+    def _create(self, size: int) -> tuple[int, int]:
+        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.created += 1
+        if size > _DEFAULT_PIPE_BYTES:
+            try:
+                fcntl(pipe[1], F_SETPIPE_SZ, size)
+            except OSError:  # above fs.pipe-max-size: the default size works, in smaller steps
+                pass
+        return pipe
+
+
+class BufferPool:
+    """Bounded per-process free lists of copy buffers (memoryviews), one list per size.
+
+    Used only by the copy path; a buffer is held while its bytes are in flight. A
+    process uses one or two sizes (the configured buffer_size), so the lists stay few.
+    """
+
+    __slots__ = ("limit", "lent", "_free")
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit  # free buffers kept per size
+        self.lent = 0  # buffers currently held by relays
+        self._free: dict[int, list[memoryview]] = {}
+
+    def __len__(self) -> int:
+        return sum(map(len, self._free.values()))
+
+    def take(self, size: int) -> memoryview:
+        self.lent += 1
+        free = self._free.get(size)
+        return free.pop() if free else memoryview(bytearray(size))
+
+    def give(self, view: memoryview) -> None:
+        self.lent -= 1
+        free = self._free.setdefault(len(view), [])
+        if len(free) < self.limit:
+            free.append(view)
+
+
+PIPES = PipePool()
+BUFFERS = BufferPool()
+# A forked child must never share a pipe with its parent: two processes splicing through
+# one pipe would interleave their connections' bytes.
+os.register_at_fork(after_in_child=PIPES.close_idle)
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    _close_fd(pipe[0])
+    _close_fd(pipe[1])
+
