@@ -91,10 +91,17 @@ def _plural(n: int, word: str) -> str:
 # --- the names a config declares -------------------------------------------------
 
 
+def _known_plugins() -> frozenset[str]:
+    """Built-in plugins and those installed under the `dynproxy.plugins` entry point."""
+    from dynproxy.net.plugins import entry_point_names
+
+    return BUILTIN_PLUGINS | frozenset(entry_point_names())
+
+
 def load_names(config_path: str | None):
     """({plugins=..., certificates=...}, diagnostics, sources) from the config file."""
     if config_path is None:
-        return {"plugins": BUILTIN_PLUGINS, "certificates": None}, [], {}
+        return {"plugins": _known_plugins(), "certificates": None}, [], {}
     import yaml
 
     where = Pos(config_path, 1, 1, 1, 1)
@@ -123,7 +130,7 @@ def _names_from(data, config_path: str, where: Pos, text: str):
         bad = "plugins" if plugins is None else "tls.certificates"
         return _no_names(error("E001", f"config {config_path!r}: `{bad}` must be a list of "
                                "mappings with a `name`", where), {config_path: text})
-    return {"plugins": BUILTIN_PLUGINS | plugins, "certificates": certs}, [], {}
+    return {"plugins": _known_plugins() | plugins, "certificates": certs}, [], {}
 
 
 def _named(entries) -> frozenset[str] | None:
@@ -135,4 +142,4 @@ def _named(entries) -> frozenset[str] | None:
 
 
 def _no_names(diag: Diagnostic, sources: dict[str, str] | None = None):
-    return {"plugins": BUILTIN_PLUGINS, "certificates": None}, [diag], sources or {}
+    return {"plugins": _known_plugins(), "certificates": None}, [diag], sources or {}

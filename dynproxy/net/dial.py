@@ -13,6 +13,7 @@ import time
 from dynproxy.core.decision import Decision
 from dynproxy.core.router import ConnInfo
 from dynproxy.core.topology import Member
+from dynproxy.net.tls_stream import connect_tls
 from dynproxy.obs.log import log_once_per, log_transition
 
 log = logging.getLogger("dynproxy.dial")
@@ -52,10 +53,17 @@ def dial(snap, decision: Decision, conn: ConnInfo, metrics):
 
 
 def _hash_key(decision: Decision, conn: ConnInfo, topo) -> str | None:
+    """What the balancers hash: the rule's `algo=hash(...)`, else the key of the first
+    target pool that balances by hash (an lb's own wrr or least_conn ignores it), so
+    `lb(web, ...)` keeps web's `balance hash(src)` sticky."""
     key = decision.hash_key
-    if key is None and decision.action == "forward":
-        pool = topo.pools.get(decision.targets[0].name)
-        key = pool.spec.hash_key if pool else None
+    if key is None:
+        pools = topo.pools
+        for target in decision.targets:
+            pool = pools.get(target.name)
+            if pool is not None and pool.spec.hash_key is not None:
+                key = pool.spec.hash_key
+                break
     if key == "src":
         return conn.src
     if key == "sni":
@@ -81,10 +89,29 @@ def _connect(member: Member, timeout: float, metrics):
         log_once_per(f"connect-{member.id}", 10.0, "connect to %s (%s) failed: %s",
                      member.id, spec.address, reason)
         return None
-    sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if spec.tls is not None:  # re-encrypt: a TlsStream, verified, or the next member
+        sock = _secure(member, sock, started + timeout, metrics)
+        if sock is None:
+            return None
+    sock.settimeout(None)
     metrics.backend_response_time_seconds.labels(member.id).observe(time.monotonic() - started)
     return sock
+
+
+def _secure(member: Member, sock, deadline: float, metrics):
+    """TLS to the backend within the connect budget; None (counted, logged) when the
+    handshake fails or its certificate does not verify."""
+    spec = member.spec
+    try:
+        return connect_tls(sock, spec.tls, spec.host, deadline)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sock.close()
+        metrics.errors_total.labels("backend_tls").inc()
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        log_once_per(f"backend-tls-{member.id}", 10.0, "TLS to %s (%s) failed: %s",
+                     member.id, spec.address, why)
+        return None
 
 
 @functools.lru_cache(maxsize=4096)

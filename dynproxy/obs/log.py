@@ -31,18 +31,20 @@ __all__ = [
     "format_ts",
     "log_once_per",
     "log_transition",
+    "set_access_fields",
     "setup_logging",
 ]
 
 ACCESS_LOGGER = "dynproxy.access"
 END_REASONS = frozenset({"closed", "reset", "timeout", "rejected", "no_backend",
-                         "connect_failed", "error"})
+                         "connect_failed", "error", "tls_failed"})
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 FORMATS = ("json", "text")
 
 _encode = json.JSONEncoder(default=str).encode
 _access = logging.getLogger(ACCESS_LOGGER)
+_access_fields: dict[str, Any] = {}  # added to every access line (e.g. worker=1)
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message", "asctime", "taskName"}
@@ -174,9 +176,17 @@ def access_log(*, client: str, listener: str, proto: str, sni: str | None,
             "proto": proto, "sni": sni, "rule": rule, "backend": backend,
             "bytes_up": bytes_up, "bytes_down": bytes_down,
             "duration_ms": round(duration_ms, 3), "end": end}
+    if _access_fields:
+        line.update(_access_fields)
     if extra:
         line.update(extra)
     _emit_access(_encode(line))
+
+
+def set_access_fields(**fields: Any) -> None:
+    """Fields every later access-log line of this process carries (a worker's number)."""
+    _access_fields.clear()
+    _access_fields.update(fields)
 
 
 def _emit_access(line: str) -> None:
