@@ -37,20 +37,22 @@ class RedisServer:
     """One redis-server child process; `stop()` kills it, `start()` starts it again on
     the same port (empty: nothing is saved)."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, data_dir: str | None = None):
         self.port = port or free_port()
         assert self.port != 6379, "never the default Redis port"
         self.proc: subprocess.Popen | None = None
-        self.start()
+        self.start(data_dir)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, data_dir: str | None = None) -> None:
+        """Start (again); with `data_dir`, load the dump.rdb found there (see save_rdb)."""
+        loads = ["--dir", str(data_dir), "--dbfilename", "dump.rdb"] if data_dir else []
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
+             "--appendonly", "no", "--protected-mode", "no", *loads],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -69,6 +71,23 @@ class RedisServer:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
         self.proc = None
+
+
+def _save_rdb(data_dir, values: dict) -> None:
+    """Write `values` into data_dir/dump.rdb with a throwaway redis-server, so that a
+    restarted server comes back with exactly that data at once (as a persistent one does)."""
+    scratch = RedisServer(data_dir=str(data_dir))
+    try:
+        client = scratch.client()
+        client.mset(values)
+        client.save()
+    finally:
+        scratch.stop()
+
+
+@pytest.fixture
+def save_rdb():
+    return _save_rdb
 
 
 @pytest.fixture(scope="session")
