@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for prog in redis-server:redis-server openssl:openssl socat:socat; do
+# redis-server, openssl, socat: integration tests; haproxy, nginx (+ stream module), wrk,
+# iperf3, gcc: the benchmark's smoke test (tools/bench) runs them side by side.
+for prog in redis-server:redis-server openssl:openssl socat:socat haproxy:haproxy \
+            nginx:nginx wrk:wrk iperf3:iperf3 gcc:gcc; do
   command -v "${prog%%:*}" >/dev/null 2>&1 || missing+=("${prog##*:}")
 done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=(libnginx-mod-stream)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -31,6 +31,7 @@ from dynproxy.core.proxyproto import encode_v1, encode_v2
 from dynproxy.core.router import ConnInfo
 from dynproxy.net.dial import DialFailed, dial
 from dynproxy.net.relay import relay
+from dynproxy.net.tls_stream import TlsStream, relay_streams
 from dynproxy.net.routing import route
 from dynproxy.net.state import Serving
 from dynproxy.obs.log import access_log, log_once_per
@@ -151,8 +152,10 @@ class TcpProxy:
         stats.backend = member.id
         try:
             header = proxy_header(member.spec.send_proxy, client, addr)
-            result = relay(client, upstream, initial_up=header + initial,
-                           idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size)
+            # a backend declared with `tls` is re-encrypted: copy through its SSL object
+            pump = relay_streams if isinstance(upstream, TlsStream) else relay
+            result = pump(client, upstream, initial_up=header + initial,
+                          idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size)
             # the header is ours, not the client's (and may not have gone out whole)
             stats.up = max(0, result.bytes_up - len(header))
             stats.down, stats.end = result.bytes_down, result.end

@@ -336,3 +336,20 @@ def test_a_backend_with_a_wrong_certificate_is_refused_and_the_next_member_tried
     assert wrong.handshakes == 0  # the proxy gave up before sending a byte of plaintext
     ends = [x["end"] for x in p.wait_access_lines(5)]
     assert ends == ["connect_failed", "closed", "closed", "closed", "closed"]
+
+
+def test_plain_forward_to_a_tls_backend_is_encrypted_on_the_backend_side(proxy, proxy_config,
+                                                                          tls_certs, tls_backend):
+    # No `terminate`: the client speaks plaintext to the proxy, the proxy speaks TLS to
+    # the backend (verified against the CA), both ways.
+    secure = tls_backend("secure", "exact")
+    p = proxy(f'backend secure {secure.address} tls ca "{tls_certs["ca"].cert_path}" '
+              'servername "api.example.com"\ndefault -> forward(secure)\n',
+              config=proxy_config(), udp=False)
+    with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=5) as plain:
+        assert recv_line(plain) == b"backend=secure\n"
+        plain.sendall(PAYLOAD)
+        assert recv_exact(plain, len(PAYLOAD)) == PAYLOAD
+    assert secure.handshakes == 1
+    [line] = p.wait_access_lines(1)
+    assert line["bytes_up"] == len(PAYLOAD) and line["end"] == "closed"
