@@ -65,18 +65,50 @@ class _Choice:
         self.available, self.active = True, 0
 
 
+class Slot:
+    """A member as one pool sees it: with that pool's weight for it. A backend in two
+    pools has one health state and one connection count, but a weight per pool."""
+
+    __slots__ = ("member", "id", "weight")
+
+    def __init__(self, member: Member, weight: int):
+        self.member, self.id, self.weight = member, member.id, weight
+
+    @property
+    def available(self) -> bool:
+        return self.member.available
+
+    @property
+    def active(self) -> int:
+        return self.member.active
+
+
 class Pool:
-    def __init__(self, spec: PoolSpec, members: list[Member]):
+    def __init__(self, spec: PoolSpec, members: list[Member], weights: dict[str, int]):
         self.spec = spec
         self.name = spec.name
         self.static_members = list(members)
-        self.redis_members: list[Member] = []
+        self._static_weights = weights
+        self._redis_members: list[Member] = []
         self.balancer = make_balancer(spec.algo, spec.hash_key)
-        self.member_weights: dict[str, int] = {}
+        self._rebuild()
 
     @property
-    def members(self) -> list[Member]:
-        return self.static_members + self.redis_members
+    def redis_members(self) -> list[Member]:
+        return self._redis_members
+
+    @redis_members.setter
+    def redis_members(self, members: list[Member]) -> None:
+        self._redis_members = list(members)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.members = self.static_members + self._redis_members
+        self.slots = [Slot(m, self._static_weights[m.id]) for m in self.static_members]
+        self.slots += [Slot(m, m.weight) for m in self._redis_members]
+
+    def weight_of(self, member: Member) -> int:
+        return next((s.weight for s in self.slots if s.member is member), member.weight)
 
     def available(self) -> bool:
         return any(m.available for m in self.members)
@@ -85,7 +117,8 @@ class Pool:
         return sum(m.active for m in self.members)
 
     def pick(self, hash_key: str | None, exclude: frozenset[str]) -> Member | None:
-        return self.balancer.pick(self.members, hash_key, exclude)
+        slot = self.balancer.pick(self.slots, hash_key, exclude)
+        return None if slot is None else slot.member
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,22 +139,28 @@ class Topology:
         self._lb_choices: dict[int, list[_Choice]] = {}
 
     # building --------------------------------------------------------------------
-    def _member(self, spec: BackendSpec, weight: int, health=None) -> Member:
-        existing = self.members.get(spec.name) or self._adopt.get(spec.name)
-        if existing is not None and existing.spec.address == spec.address:
-            existing.spec, existing.weight, existing.removed = spec, weight, False
-            self.members[spec.name] = existing
-            return existing
-        rise, fall = (health.rise, health.fall) if health else (1, 3)
-        member = Member(spec, weight, rise, fall)
+    def _member(self, spec: BackendSpec, weight: int | None, health=None) -> Member:
+        """The member for `spec`, shared by id (adopted across reloads). `weight` None
+        keeps the member's own (a pool keeps its weight for it in its Slot); `health`
+        (a pool's check settings) sets its rise/fall."""
+        member = self.members.get(spec.name) or self._adopt.get(spec.name)
+        if member is not None and member.spec.address == spec.address:
+            member.spec, member.removed = spec, False
+            if weight is not None:
+                member.weight = weight
+        else:
+            member = Member(spec, spec.weight if weight is None else weight, 1, 3)
+        if health is not None:
+            member.health.rise, member.health.fall = health.rise, health.fall
         self.members[spec.name] = member
         return member
 
     def _pool(self, spec: PoolSpec) -> Pool:
-        members = [self._member(m.backend, m.weight, spec.health) for m in spec.members]
+        members = [self._member(m.backend, None, spec.health) for m in spec.members]
         for m in members:
             m.actively_checked = m.actively_checked or spec.health is not None
-        return Pool(spec, members)
+        weights = {m.backend.name: m.weight for m in spec.members}
+        return Pool(spec, members, weights)
 
     def set_redis_members(self, pool_name: str, specs: Iterable[BackendSpec]) -> list[Member]:
         """Replace a pool's Redis members; returns the members that left (now draining)."""
@@ -231,18 +270,19 @@ class Topology:
         return {
             "pools": {name: {
                 "algo": pool.spec.algo + (f"({pool.spec.hash_key})" if pool.spec.hash_key else ""),
-                "members": [_member_view(m, "redis" if m in pool.redis_members else "rules")
+                "members": [_member_view(m, "redis" if m in pool.redis_members else "rules",
+                                         pool.weight_of(m))
                             for m in pool.members],
             } for name, pool in self.pools.items()},
             "backends": {name: _member_view(m, m.spec.source) for name, m in self.backends.items()},
         }
 
 
-def _member_view(m: Member, source: str) -> dict:
+def _member_view(m: Member, source: str, weight: int | None = None) -> dict:
     return {
         "id": m.id,
         "address": m.spec.address,
-        "weight": m.weight,
+        "weight": m.weight if weight is None else weight,
         "source": source,
         "healthy": m.health.up,
         "reason": m.health.reason,
