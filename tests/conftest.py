@@ -160,7 +160,8 @@ class Proxy:
 
     def access_lines(self) -> list[dict]:
         out = []
-        for line in self.logs().splitlines():
+        text = self.logs()
+        for line in text[:text.rfind("\n") + 1].splitlines():  # not a line still being written
             if '"dynproxy.access"' in line:
                 out.append(json.loads(line))
         return out
@@ -230,14 +231,15 @@ def env_pythonpath():
 # --- for the real-socket TCP tests (tests/proc/test_tcp_*.py, test_bad_input.py) -------
 
 def fast_config(server: dict | None = None, **timeouts: str) -> str:
-    """A config for proxy tests: one worker, short timeouts, no drain at stop.
+    """A config for proxy tests: one worker, no UDP, short timeouts, no drain at stop.
 
     `timeouts` override server.timeouts (connect, idle, client_hello), e.g. idle="1s";
     `server` adds other server settings, e.g. {"max_connections": 5}.
     """
     chosen = {"connect": "1s", "idle": "5s", "client_hello": "1s", **timeouts}
-    lines = ["server:", "  workers: 1", *(f"  {k}: {v}" for k, v in (server or {}).items()),
-             "  timeouts:"]
+    # No UDP listener unless the test asks for one (Proxy(udp=True) passes --udp-bind).
+    lines = ["server:", "  workers: 1", "  udp_bind: []",
+             *(f"  {k}: {v}" for k, v in (server or {}).items()), "  timeouts:"]
     lines += [f"    {key}: {value}" for key, value in chosen.items()]
     return "\n".join([*lines, "shutdown:", "  drain_timeout: 0s", ""])
 
@@ -415,26 +417,34 @@ def client_hello():
     return build_client_hello
 
 
-def access_line_of(proxy: Proxy, client: tuple, timeout: float = 10.0) -> dict:
-    """The access-log line of the connection whose client end was `client`
-    (a socket's getsockname()); waits for it, since it is written at close."""
-    host, port = client[0], client[1]
-    wanted = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _shown(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def access_line_of(proxy: Proxy, ends: tuple, timeout: float = 10.0) -> dict:
+    """The access-log line of one connection; waits for it, since it is written at close.
+
+    `ends` is (sock.getsockname(), sock.getpeername()) of the client's socket: the
+    client port alone is not enough, one port may serve connections to two listeners.
+    """
+    client, listener = _shown(ends[0]), f"tcp:{_shown(ends[1])}"
     deadline = time.monotonic() + timeout
     while True:
-        found = [x for x in proxy.access_lines() if x.get("client") == wanted]
+        found = [x for x in proxy.access_lines()
+                 if x.get("client") == client and x.get("listener") == listener]
         if found:
-            assert len(found) == 1, f"{len(found)} access-log lines for {wanted}: {found}"
+            assert len(found) == 1, f"{len(found)} access-log lines for {ends}: {found}"
             return found[0]
-        assert time.monotonic() < deadline, f"no access-log line for {wanted}:\n{proxy.logs()}"
+        assert time.monotonic() < deadline, f"no access-log line for {ends}:\n{proxy.logs()}"
         time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
 def testkit():
     """The helpers above for module-scoped fixtures (which cannot use the function-scoped
-    ones): Proxy, NamedBackend, ScriptedBackend, TlsBackend, build_client_hello,
-    fast_config, free_port, access_line_of."""
+    ones) and for tests: Proxy, NamedBackend, ScriptedBackend, TlsBackend,
+    build_client_hello, fast_config, free_port, access_line_of."""
     return SimpleNamespace(Proxy=Proxy, NamedBackend=NamedBackend,
                            ScriptedBackend=ScriptedBackend, TlsBackend=TlsBackend,
                            build_client_hello=build_client_hello, fast_config=fast_config,

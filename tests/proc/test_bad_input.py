@@ -59,7 +59,7 @@ rule silent: sni exact "silent.test" -> forward(silent)
 rule reset: sni exact "reset.test" -> forward(resetter)
 rule echo: sni exact "echo.test" -> forward(echo)
 default -> forward(echo)
-""", config=k.fast_config(**TIMEOUTS))
+""", udp=False, config=k.fast_config(**TIMEOUTS))
     yield SimpleNamespace(proxy=p, port=p.tcp_port, hello=k.build_client_hello,
                           line_of=lambda client: k.access_line_of(p, client))
     p.stop()
@@ -79,7 +79,7 @@ class Bystander:
         self.error: BaseException | None = None
         self.rounds = 0
         self.sock = socket.create_connection(("127.0.0.1", site.port), timeout=5)
-        self.client = self.sock.getsockname()
+        self.client = self.sock.getsockname(), self.sock.getpeername()
         hello = site.hello("echo.test")
         self.sock.sendall(hello)
         greeting = b"backend=echo\n"
@@ -147,7 +147,7 @@ def test_garbage_that_starts_like_tls_is_routed_without_sni(site, garbage):
     logged = site.proxy.logs().count("malformed ClientHello")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sock.sendall(garbage)
             sock.shutdown(socket.SHUT_WR)
             assert recv_to_eof(sock) == b"backend=echo\n" + garbage
@@ -165,7 +165,7 @@ def test_truncated_client_hello_then_close(site):
     bad = errors(site, "bad_client_hello")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sock.sendall(hello)
             sock.shutdown(socket.SHUT_WR)
             assert recv_to_eof(sock) == b"backend=echo\n" + hello
@@ -185,7 +185,7 @@ def test_oversized_client_hello_is_routed_without_sni_and_relayed_whole(site):
     bad = errors(site, "bad_client_hello")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sender = threading.Thread(target=lambda: (sock.sendall(stream),
                                                       sock.shutdown(socket.SHUT_WR)))
             sender.start()
@@ -202,7 +202,7 @@ def test_client_stalling_mid_client_hello_is_routed_without_sni_after_the_timeou
     timeouts = errors(site, "client_hello_timeout")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sock.sendall(hello[:50])
             # after client_hello (1 s) the proxy routes what it has, without SNI: the
             # default rule's backend answers, although the full hello says silent.test
@@ -219,7 +219,7 @@ def test_client_that_connects_and_sends_nothing(site):
     timeouts = errors(site, "client_hello_timeout")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             # routed without SNI after client_hello (1 s), then closed after idle (1 s)
             assert recv_to_eof(sock) == b"backend=echo\n"
     line = site.line_of(client)
@@ -232,7 +232,7 @@ def test_client_reset_mid_client_hello(site):
     resets = errors(site, "reset")
     with Bystander(site):
         sock = socket.create_connection(("127.0.0.1", site.port), timeout=5)
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         sock.sendall(site.hello("echo.test")[:30])
         time.sleep(0.1)  # let the proxy start peeking
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -249,7 +249,7 @@ def test_backend_that_accepts_and_never_answers_meets_the_idle_timeout(site):
     before = site.proxy.metric("proxy_requests_total", proto="tcp", result="timeout")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sock.sendall(site.hello("silent.test"))
             assert recv_to_eof(sock) == b""  # closed by the proxy after idle (1 s)
     line = site.line_of(client)
@@ -263,7 +263,7 @@ def test_backend_that_resets_resets_the_client_too(site):
     resets = errors(site, "reset")
     with Bystander(site):
         with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-            client = sock.getsockname()
+            client = sock.getsockname(), sock.getpeername()
             sock.sendall(site.hello("reset.test"))
             with pytest.raises(ConnectionResetError):
                 # the proxy passes the reset on (RST, not a clean EOF): the stream was cut

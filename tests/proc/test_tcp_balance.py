@@ -63,8 +63,8 @@ def site(testkit, tmp_path_factory):
     rules = decls + RULES.format(dead=dead_address(), dead2=dead_address(),
                                  **ports)
     binds = [arg for port in ports.values() for arg in ("--tcp-bind", f"127.0.0.1:{port}")]
-    p = k.Proxy(tmp_path_factory.mktemp("balance"), rules, config=k.fast_config(),
-                extra_args=tuple(binds))
+    p = k.Proxy(tmp_path_factory.mktemp("balance"), rules, udp=False,
+                config=k.fast_config(), extra_args=tuple(binds))
     yield SimpleNamespace(proxy=p, ports=ports, members=members,
                           line_of=lambda client: k.access_line_of(p, client))
     p.stop()
@@ -90,7 +90,7 @@ class Held:
         self.sock = socket.create_connection(
             ("127.0.0.1", port), timeout=5,
             source_address=(source, 0) if source else None)
-        self.client = self.sock.getsockname()
+        self.client = self.sock.getsockname(), self.sock.getpeername()
         self.sock.sendall(first)
         expected = len(first)
         data = b""
@@ -222,7 +222,7 @@ def test_all_members_dead_ends_connect_failed_and_the_client_is_closed(site):
     p = site.proxy
     before = p.metric("proxy_requests_total", proto="tcp", result="connect_failed")
     with socket.create_connection(("127.0.0.1", site.ports["all_dead"]), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         sock.sendall(b"hi\n")  # plain bytes: routed at once (this proxy peeks for SNI)
         assert sock.recv(100) == b""
     line = site.line_of(client)

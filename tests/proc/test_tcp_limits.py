@@ -38,7 +38,7 @@ class Held:
 
     def __init__(self, port: int):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.client = self.sock.getsockname()
+        self.client = self.sock.getsockname(), self.sock.getpeername()
         self.greeting = recv_line(self.sock)
         assert self.greeting.startswith(b"backend="), self.greeting
 
@@ -85,7 +85,7 @@ backend banner {banner.address}
 rule a: dport {ports["after_eof"]} -> forward(after_eof)
 rule b: dport {ports["banner"]} -> forward(banner)
 default -> forward(web)
-""", config=k.fast_config({"max_connections": 5}, idle="30s"),
+""", udp=False, config=k.fast_config({"max_connections": 5}, idle="30s"),
                 extra_args=tuple(a for port in ports.values()
                                  for a in ("--tcp-bind", f"127.0.0.1:{port}")))
     yield SimpleNamespace(proxy=p, ports=ports, web=web, late=late, got_late=got_late,
@@ -98,7 +98,7 @@ default -> forward(web)
 def test_client_half_close_still_receives_the_backends_later_reply(site):
     data = bytes(range(256)) * 12
     with socket.create_connection(("127.0.0.1", site.ports["after_eof"]), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)  # "I am done sending", still listening
         assert recv_to_eof(sock) == b"got 3072 bytes\n"
@@ -108,7 +108,7 @@ def test_client_half_close_still_receives_the_backends_later_reply(site):
 
 def test_backend_half_close_still_receives_the_clients_later_bytes(site):
     with socket.create_connection(("127.0.0.1", site.ports["banner"]), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         assert recv_to_eof(sock) == b"banner\n"  # the backend's EOF reached us...
         sock.sendall(b"late bytes")  # ...and our direction is still open
         sock.shutdown(socket.SHUT_WR)
@@ -149,7 +149,7 @@ def test_idle_timeout_closes_a_silent_pair_but_not_a_talking_one(proxy, proxy_co
                                                                   backends):
     web = backends("web")
     p = proxy(f"backend web {web.address}\ndefault -> forward(web)\n",
-              config=proxy_config(idle="1s"))
+              udp=False, config=proxy_config(idle="1s"))
     with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10) as talking, \
             socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10) as silent:
         assert recv_line(talking) == recv_line(silent) == b"backend=web\n"
@@ -177,7 +177,7 @@ def test_fd_limit_queues_clients_and_serves_them_once_others_close(proxy, proxy_
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
     p = proxy(f"backend web {web.address}\ndefault -> forward(web)\n",
-              config=proxy_config(idle="30s"), preexec_fn=limit_fds)
+              udp=False, config=proxy_config(idle="30s"), preexec_fn=limit_fds)
     found = re.search(r"allows about (\d+) connections at once", p.logs())
     assert found, p.logs()
     budget = int(found[1])

@@ -22,9 +22,10 @@ def dead_address() -> str:
 
 
 def exchange(port: int, data: bytes) -> tuple[tuple, bytes]:
-    """Send `data`, half-close, read to EOF: (client address, bytes received)."""
+    """Send `data`, half-close, read to EOF: ((client address, proxy address), bytes
+    received)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         got = b""
@@ -45,8 +46,9 @@ rule deny: dport {ports["deny"]} -> reject
 rule down: dport {ports["dead"]} -> forward(dead)
 rule plain: dport {ports["plain"]} -> forward(web)
 default -> reject
-""", config=k.fast_config(), extra_args=tuple(a for port in ports.values()
-                                             for a in ("--tcp-bind", f"127.0.0.1:{port}")))
+""", udp=False, config=k.fast_config(),
+                extra_args=tuple(a for port in ports.values()
+                                 for a in ("--tcp-bind", f"127.0.0.1:{port}")))
     hello = k.build_client_hello("hello.example.com", ("h2",))
     data = bytes(range(100))
     out = SimpleNamespace(proxy=p, hello=hello, data=data, ports=ports, web=web)
@@ -71,11 +73,13 @@ def test_traffic_went_where_the_rules_say(traffic):
 def test_access_log_has_one_line_per_connection_with_every_field(traffic):
     t, p = traffic, traffic.proxy
     assert len(t.lines) == 5
-    by_client = {x["client"]: x for x in t.lines}
+    by_ends = {(x["client"], x["listener"]): x for x in t.lines}
+    assert len(by_ends) == 5
     rules = p.rules_path
 
     def line(conn) -> dict:
-        found = by_client[f"127.0.0.1:{conn[0][1]}"]
+        (_, client_port), (_, port) = conn[0]
+        found = by_ends[(f"127.0.0.1:{client_port}", f"tcp:127.0.0.1:{port}")]
         assert ACCESS_FIELDS <= set(found), found
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", found["time"])
         assert found["proto"] == "tcp" and found["duration_ms"] >= 0
@@ -128,7 +132,7 @@ def test_metrics_count_the_traffic_exactly(traffic):
 def test_metric_labels_never_carry_the_sni_or_a_client_address(traffic):
     text = traffic.proxy.metrics()
     assert "hello.example.com" not in text
-    for client, _ in [*traffic.plain, traffic.tls, traffic.denied, traffic.dead]:
+    for (client, _), _ in [*traffic.plain, traffic.tls, traffic.denied, traffic.dead]:
         assert f":{client[1]}" not in text
     # Labelled families appear with their first sample (proxy_backend_health: see
     # test_tcp_balance; proxy_tls_handshakes_total: the TLS termination tests).

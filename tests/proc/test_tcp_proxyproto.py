@@ -97,7 +97,7 @@ rule v2: dport {ports["v2"]} -> forward(pp2)
 rule six_v1: dport {ports["six_v1"]} -> forward(pp1)
 rule six_v2: dport {ports["six_v2"]} -> forward(pp2)
 default -> forward(pp1)
-""", config=k.fast_config(), extra_args=(
+""", udp=False, config=k.fast_config(), extra_args=(
         "--tcp-bind", f"127.0.0.1:{ports['v2']}", "--tcp-bind", f"[::1]:{ports['six_v1']}",
         "--tcp-bind", f"[::1]:{ports['six_v2']}"))
     ports["v1"] = p.tcp_port
@@ -137,7 +137,7 @@ def test_proxy_header_carries_the_real_client_then_its_bytes(site, listener, hos
     assert header.src == client  # the real client, not the proxy's own address
     assert header.dst == server  # the address the client connected to
     assert got[header.size:] == PAYLOAD
-    line = site.line_of(client)
+    line = site.line_of((client, server))
     assert (line["bytes_up"], line["end"]) == (len(PAYLOAD), "closed")  # header not counted
 
 
@@ -149,7 +149,7 @@ def test_v2_header_precedes_the_peeked_client_hello_byte_exact(site, client_hell
     assert (header.src, header.dst) == (client, server)
     assert header.size == 28  # no TLVs: 16 + 12
     assert got[header.size:] == hello + PAYLOAD
-    assert site.line_of(client)["sni"] == "pp.example.com"
+    assert site.line_of((client, server))["sni"] == "pp.example.com"
 
 
 def test_the_independent_parsers_reject_what_the_spec_forbids():

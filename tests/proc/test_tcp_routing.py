@@ -88,8 +88,10 @@ def site(testkit, tls_certs, tmp_path_factory):
     port6, port_to6 = k.free_port(host="::1"), k.free_port()
     rules = RULES.format(**{n: b.address for n, b in {**tls, **plain}.items()},
                          port6=port6, port_to6=port_to6)
-    p = k.Proxy(tmp_path_factory.mktemp("routing"), rules, config=k.fast_config(client_hello="5s"),
-                extra_args=("--tcp-bind", f"[::1]:{port6}", "--tcp-bind", f"127.0.0.1:{port_to6}"))
+    p = k.Proxy(tmp_path_factory.mktemp("routing"), rules, udp=False,
+                config=k.fast_config(client_hello="5s"),
+                extra_args=("--tcp-bind", f"[::1]:{port6}",
+                            "--tcp-bind", f"127.0.0.1:{port_to6}"))
     yield SimpleNamespace(proxy=p, port=p.tcp_port, port6=port6, port_to6=port_to6,
                           line_of=lambda client: k.access_line_of(p, client),
                           ca=str(tls_certs["ca"].cert_path), **tls, **plain)
@@ -114,7 +116,7 @@ def test_sni_routes_a_real_tls_handshake_end_to_end(site, name, expected, rule):
     before = (backend.handshakes, site.other.accepted)
     ctx = ssl.create_default_context(cafile=site.ca)
     with socket.create_connection(("127.0.0.1", site.port), timeout=5) as raw:
-        client = raw.getsockname()
+        client = raw.getsockname(), raw.getpeername()
         with ctx.wrap_socket(raw, server_hostname=name) as tls:
             # The handshake verified the backend's certificate for `name`: the bytes
             # passed through untouched, end to end.
@@ -136,7 +138,7 @@ def echo_checked(site, data: bytes, cuts=(), port=None, host="127.0.0.1") -> tup
     """Send `data` (cut at `cuts`) through the proxy; assert the echo is byte-exact;
     return the greeting line and the connection's access-log line."""
     with socket.create_connection((host, port or site.port), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         send_in_pieces(sock, data, cuts)
         line = recv_line(sock)
         assert recv_exact(sock, len(data)) == data
@@ -183,7 +185,7 @@ def test_reject_closes_the_connection_without_reaching_a_backend(site, client_he
     accepted = sum(getattr(site, n).accepted for n in ("web", "other", "v4", "v6"))
     decisions = p.metric("proxy_routing_decisions_total", rule="block", action="reject")
     with socket.create_connection(("127.0.0.1", site.port), timeout=5) as sock:
-        client = sock.getsockname()
+        client = sock.getsockname(), sock.getpeername()
         sock.sendall(client_hello("blocked.example.org"))
         assert sock.recv(100) == b""
     log = site.line_of(client)
