@@ -10,6 +10,7 @@ from typing import Any
 
 from dynproxy.core.topology import Topology
 from dynproxy.lang import RuleSet
+from dynproxy.lang.peek import PeekPolicy
 
 
 @dataclass(frozen=True)
@@ -18,30 +19,19 @@ class Snapshot:
     topology: Topology
     config: Any  # dynproxy.core.config.Config
     generation: int
-    needs_peek: bool  # some rule looks at SNI or ALPN, or terminates TLS
+    needs_peek: bool  # some rule looks at SNI or ALPN, or terminates TLS (on some port)
     plugins: dict = field(default_factory=dict)  # name -> plugin object with route(ctx)
     tls: Any = None  # net.tls.CertStore when TLS termination is configured
+    peek: PeekPolicy | None = None  # per listener port: see lang.peek
+
+    def peek_on(self, port: int) -> bool:
+        """Wait for the ClientHello on this local port? (see lang.peek)"""
+        return self.peek.needed(port) if self.peek is not None else self.needs_peek
 
 
 def rules_need_peek(rules: RuleSet) -> bool:
-    """Peek at the ClientHello only if a decision can depend on it (saves a wait for
-    server-speaks-first protocols such as SMTP or MySQL)."""
-    from dynproxy.lang import ast
-
-    def uses(cond) -> bool:
-        if isinstance(cond, (ast.Sni, ast.Alpn)):
-            return True
-        if isinstance(cond, ast.Not):
-            return uses(cond.operand)
-        if isinstance(cond, (ast.And, ast.Or)):
-            return any(uses(c) for c in cond.operands)
-        return False
-
-    return any(
-        uses(r.cond) or isinstance(r.action, (ast.Terminate, ast.Plugin)) for r in rules.rules
-    ) or any(d.hash_key == "sni" for d in rules.decisions) or any(
-        p.hash_key == "sni" for p in rules.pools.values()
-    )
+    """Some rule, on some port, needs the ClientHello."""
+    return PeekPolicy(rules).anywhere
 
 
 class Serving:

@@ -15,7 +15,8 @@ from dynproxy.core.topology import Topology
 from dynproxy.lang import RuleSet, build
 from dynproxy.lang.loader import load_program
 from dynproxy.net.plugins import entry_point_names, load_plugins
-from dynproxy.net.state import Snapshot, rules_need_peek
+from dynproxy.lang.peek import PeekPolicy
+from dynproxy.net.state import Snapshot
 from dynproxy.net.tls import cert_store_for
 from dynproxy.proc.jobs import carry_redis_members
 
@@ -75,7 +76,8 @@ def build_snapshot(src: Sources, previous: Snapshot | None = None,
         topology=topology,
         config=cfg,
         generation=(previous.generation + 1) if previous else 1,
-        needs_peek=rules_need_peek(rules),
+        needs_peek=(peek := PeekPolicy(rules)).anywhere,
+        peek=peek,
         plugins=dict(plugins if plugins is not None else load_plugins(
             cfg, previous.plugins if previous else None)),
         tls=tls,
