@@ -14,8 +14,8 @@ from dynproxy.core.config import Config, apply_overrides, load_config, load_conf
 from dynproxy.core.topology import Topology
 from dynproxy.lang import RuleSet, build
 from dynproxy.lang.loader import load_program
-from dynproxy.net.plugins import entry_point_names, load_plugins
 from dynproxy.lang.peek import PeekPolicy
+from dynproxy.net.plugins import entry_point_names, load_plugins
 from dynproxy.net.state import Snapshot
 from dynproxy.net.tls import cert_store_for
 from dynproxy.proc.jobs import carry_redis_members
