@@ -1,7 +1,16 @@
 """Shared fixtures: free ports, named backends on 127.0.0.1, and a real dynproxy
-subprocess. Everything started here is stopped here, by PID."""
+subprocess. Everything started here is stopped here, by PID.
+
+The test process is gevent-patched here, first, before anything imports ssl or
+threading: several test directories drive real sockets from many greenlets, and the
+whole run must behave the same whichever directories are collected.
+"""
 
 from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
 
 import importlib.util
 import json
