@@ -223,7 +223,9 @@ class Topology:
             self._lb_balancers[key] = make_balancer(decision.algo, decision.hash_key)
         return choices
 
-    def _pick_target(self, name: str, hash_key, exclude) -> Member | None:
+    def _pick_target(self, name: str, hash_key, exclude, fallback: bool = True) -> Member | None:
+        """A member of backend or pool `name`; a pool whose members are all down hands
+        over to its `fallback` (one hop only, so fallbacks cannot loop)."""
         member = self.backends.get(name)
         if member is not None:
             return member if member.available and member.id not in exclude else None
@@ -231,16 +233,9 @@ class Topology:
         if pool is None:
             return None
         picked = pool.pick(hash_key, exclude)
-        if picked is None and pool.spec.fallback and pool.spec.fallback != name:
-            return self._pick_fallback(pool.spec.fallback, hash_key, exclude)
+        if picked is None and fallback and pool.spec.fallback not in (None, name):
+            return self._pick_target(pool.spec.fallback, hash_key, exclude, fallback=False)
         return picked
-
-    def _pick_fallback(self, name: str, hash_key, exclude) -> Member | None:
-        member = self.backends.get(name)
-        if member is not None:
-            return member if member.available and member.id not in exclude else None
-        pool = self.pools.get(name)
-        return pool.pick(hash_key, exclude) if pool else None
 
     def _target_available(self, name: str, exclude) -> bool:
         member = self.backends.get(name)

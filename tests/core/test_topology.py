@@ -53,3 +53,17 @@ def test_a_down_member_is_skipped_and_state_survives_a_reload():
     assert picks(topo, rules, "one.test") == {"b": 8}
     _, again = topology(previous=topo)
     assert again.members["a"] is topo.members["a"] and not again.members["a"].available
+
+
+def test_a_pool_with_every_member_down_hands_over_to_its_fallback():
+    rules = load_text("backend a 127.0.0.1:1\nbackend b 127.0.0.1:2\n"
+                      "pool p { member a\n fallback q }\npool q { member b }\n"
+                      "default -> forward(p)\n")
+    topo = Topology(rules.backends, rules.pools)
+    decision = rules.decide(dport=443)
+    for _ in range(3):
+        topo.members["a"].record(False, "refused")
+    assert topo.pick(decision, None, frozenset()).id == "b"
+    for _ in range(3):
+        topo.members["b"].record(False, "refused")
+    assert topo.pick(decision, None, frozenset()) is None  # then: no backend (rejected)
