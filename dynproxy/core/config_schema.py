@@ -102,8 +102,9 @@ class Server:
                                   "max_sessions": 5000}])
     buffer_size: int = setting(65536, Integer(1024, 16 * 1024 * 1024),
                                "bytes read at a time when relaying")
-    max_connections: int = setting(10000, Integer(1, MANY), "most TCP connections one "
-                                   "worker serves at once; beyond it new ones are refused")
+    max_connections: int = setting(10000, Integer(1, MANY), "most TCP connections each "
+                                   "listener serves at once in one worker; beyond it new ones "
+                                   "wait in the listen backlog (counted)")
     workers: int = setting(0, Integer(0, 1024), "worker processes; 0 means one per CPU")
     pid_file: str | None = setting(None, Nullable(PATH, " for none"), "where the "
                                    "master writes its pid, for `dynproxy reload|stop`")

@@ -57,11 +57,10 @@ class RuleSet:
 
 
 def load(path_or_text, *, plugins=None, certificates=None, health_defaults=None) -> RuleSet:
-    """A RuleSet from a path (str or PathLike naming a file) or from rule text."""
+    """A RuleSet from a path (PathLike, or a one-line str without `->`) or rule text."""
     if isinstance(path_or_text, os.PathLike) or (
-        isinstance(path_or_text, str) and "\n" not in path_or_text
-        and "->" not in path_or_text and os.path.isfile(path_or_text)
-    ):
+        isinstance(path_or_text, str) and "\n" not in path_or_text and "->" not in path_or_text
+    ):  # rule text always has an arrow; anything else is a path (missing: "cannot read")
         return load_file(path_or_text, plugins=plugins, certificates=certificates,
                          health_defaults=health_defaults)
     return load_text(path_or_text, plugins=plugins, certificates=certificates,

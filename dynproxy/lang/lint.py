@@ -34,7 +34,17 @@ def lint_program(
     """
     checked = check_program(program, plugins=plugins, certificates=certificates)
     found = checked.diagnostics + analyze(program, skip=checked.broken_rules)
-    return sort_diagnostics(found)
+    return sort_diagnostics(found + _no_rules(program))
+
+
+def _no_rules(program: ast.Program) -> list[Diagnostic]:
+    """A file with no rule at all rejects everything: far more often a truncated file
+    (a shell `>` mistake) than a wish, so it must be said, not served."""
+    if program.rules:
+        return []
+    return [error("E219", "there are no rules: every connection would be rejected",
+                  ast.Pos(program.root, 1, 1, 1, 1),
+                  help_("write `default -> reject` if rejecting everything is what you mean"))]
 
 
 def lint_path(path: str | os.PathLike, **kw) -> tuple[list[Diagnostic], dict[str, str]]:

@@ -59,7 +59,7 @@ def cert_store_for(cfg, rules) -> CertStore | None:
 
     ConfigError when a certificate is unusable, when a rule names a certificate that
     does not exist, or when rules terminate TLS and no certificate is configured (the
-    connection would otherwise go through still encrypted). Warnings are logged.
+    connection would otherwise go through still encrypted).
     """
     settings = cfg.tls
     terminates = {d.terminate: d.rule for d in rules.decisions if d.terminate is not None}
@@ -69,9 +69,7 @@ def cert_store_for(cfg, rules) -> CertStore | None:
         return None
     store = CertStore.load(settings, cfg.origin)
     store.prepare(terminates)
-    for warning in store.warnings:
-        log.warning("certificate: %s", warning)
-    return store
+    return store  # its `warnings` are logged once, by the master (proc.master/reload)
 
 
 class CertStore:

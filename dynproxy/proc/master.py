@@ -37,7 +37,7 @@ from dynproxy.proc.jobs import apply_event
 from dynproxy.proc.monitoring import Monitoring
 from dynproxy.proc.pidfile import PidFileError, remove_pid_file, write_pid_file
 from dynproxy.proc.reload import reload
-from dynproxy.proc.startup import StartError, check_binds, make_jobs, worker_count
+from dynproxy.proc.startup import StartError, check_binds, log_warnings, make_jobs, worker_count
 from dynproxy.proc.worker_handle import WorkerHandle, WorkerStartFailed, describe_exit
 
 log = logging.getLogger("dynproxy.master")
@@ -74,9 +74,7 @@ class Master:
         snapshot, self.bundle = build_recorded(self.src)
         self.serving = Serving(snapshot)
         self._setup_logging()
-        for warning in snapshot.rules.diagnostics:
-            log.warning("%s: %s[%s]: %s", warning.pos, warning.severity, warning.code,
-                        warning.message)
+        log_warnings(snapshot)
         check_binds(snapshot.config.server, None)
         self.metrics_dir = tempfile.mkdtemp(prefix="dynproxy-metrics-")
         try:

@@ -22,7 +22,7 @@ from dynproxy.lang.diagnostics import RulesError
 from dynproxy.obs.log import setup_logging
 from dynproxy.proc import notify
 from dynproxy.proc.bundle import build_recorded
-from dynproxy.proc.startup import StartError, check_binds, worker_count
+from dynproxy.proc.startup import StartError, check_binds, log_warnings, worker_count
 
 log = logging.getLogger("dynproxy.master")
 
@@ -39,13 +39,17 @@ def reload(master) -> None:
     log.info("SIGHUP: reloading %s (serving generation %d)", master.src.rules_path,
              previous.generation)
     try:
-        # In a native thread, so health checks and /metrics go on meanwhile.
-        snapshot, bundle = gevent.get_hub().threadpool.apply(
-            build_recorded, (master.src, previous))
+        # In a native thread, so health checks and /metrics go on meanwhile; errors come
+        # back as values (gevent's pool would print a raw traceback for a raised one).
+        outcome = gevent.get_hub().threadpool.apply(_build_or_error, (master.src, previous))
+        if isinstance(outcome, Exception):
+            raise outcome
+        snapshot, bundle = outcome
         check_binds(snapshot.config.server, previous.config.server)
     except Exception as exc:  # noqa: BLE001 - whatever it is, the old state keeps serving
         _finish(master, ok=False, why=describe_failure(exc), generation=previous.generation)
         return
+    log_warnings(snapshot)
     master.serving.swap(snapshot)
     master.bundle = bundle
     _apply_to_master(master, snapshot.config, previous.config)
@@ -57,6 +61,13 @@ def reload(master) -> None:
         _finish(master, ok=False, why="; ".join(problems), generation=snapshot.generation)
     else:
         _finish(master, ok=True, why=f"in {took:.0f} ms", generation=snapshot.generation)
+
+
+def _build_or_error(src, previous):
+    try:
+        return build_recorded(src, previous)
+    except Exception as exc:  # noqa: BLE001 - handed back to the caller, which reports it
+        return exc
 
 
 def describe_failure(exc: Exception) -> str:

@@ -4,11 +4,14 @@ are free, and which background jobs run. No serving here.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from dynproxy.net.tcp import BindError
 from dynproxy.proc.jobs import Jobs
 from dynproxy.proc.ports import check_free
+
+log = logging.getLogger("dynproxy")
 
 __all__ = ["StartError", "check_binds", "make_jobs", "worker_count"]
 
@@ -49,3 +52,12 @@ def make_jobs(config, metrics, publish) -> Jobs:
     must not mean N times the checks against each backend and N watchers on Redis.
     Their events reach the workers through `publish`."""
     return Jobs(config, metrics, publish)
+
+
+def log_warnings(snapshot) -> None:
+    """Rule warnings and certificate warnings of a new snapshot, once (master only)."""
+    for warning in snapshot.rules.diagnostics:
+        log.warning("%s: %s[%s]: %s", warning.pos, warning.severity, warning.code,
+                    warning.message)
+    for warning in snapshot.tls.warnings if snapshot.tls is not None else ():
+        log.warning("certificate: %s", warning)

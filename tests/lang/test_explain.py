@@ -146,8 +146,11 @@ def test_default_and_empty_rule_sets():
     rules = dynproxy.lang.load_text("backend a 127.0.0.1:1\ndefault -> forward(a)\n", "d.rules")
     e = explain(rules, conn(None))
     assert e.deciding.number == 1 and e.skipped == ()
-    empty = dynproxy.lang.load_text("backend a 127.0.0.1:1\n", "e.rules")
-    assert explain(empty, conn("x.test")).decision is NO_MATCH
+    unmatched = dynproxy.lang.load_text('backend a 127.0.0.1:1\nsni exact "y.test" -> forward(a)\n',
+                                        "e.rules")
+    assert explain(unmatched, conn("x.test")).decision is NO_MATCH
+    with pytest.raises(dynproxy.lang.RulesError, match="E219"):  # no rules at all: refused
+        dynproxy.lang.load_text("backend a 127.0.0.1:1\n", "e.rules")
 
 
 def test_atom_text_reads_like_the_source(rules):

@@ -186,7 +186,9 @@ def test_paths_that_are_not_rule_files(tmp_path):
     assert proc.returncode == 2
     assert "missing.rules:1:1: error[E001]: cannot read rule file 'missing.rules'" in proc.stdout
     assert "a_dir:1:1: error[E001]: cannot read rule file 'a_dir'" in proc.stdout
-    assert proc.stdout.endswith("empty.rules: ok\n")
+    # an empty file would reject everything: said as an error (a truncated file, mostly)
+    assert "empty.rules:1:1: error[E219]: there are no rules" in proc.stdout
+    assert proc.stdout.endswith("empty.rules: 1 error\n")
     assert_no_traceback(proc)
 
 
@@ -206,7 +208,7 @@ def test_an_internal_error_is_reported_not_raised(tmp_path, monkeypatch):
 
 def test_many_identical_warnings_are_summarised(tmp_path):
     rules = "".join(f"backend b{i} 127.0.0.1:{1000 + i}\n" for i in range(150))
-    write(tmp_path, "many.rules", rules)
+    write(tmp_path, "many.rules", rules + "default -> reject\n")
     proc = dynproxy_lint("many.rules", cwd=tmp_path)
     assert proc.returncode == 0
     assert proc.stdout.count("warning[W310]") == 100
