@@ -54,7 +54,7 @@ __all__ = [
     "BUILTIN_PLUGINS", "Bind", "CertificateEntry", "Config", "ConfigError", "ConfigProblem",
     "Health", "MAX_FILE_BYTES", "Monitoring", "PluginSpec", "Redis", "SETTINGS", "Server",
     "Setting", "Shutdown", "Timeouts", "Tls", "UdpListener", "apply_overrides",
-    "load_config", "load_config_file", "parse_bind", "parse_duration", "render_example",
+    "load_config", "load_config_bytes", "load_config_file", "parse_bind", "parse_duration", "render_example",
 ]
 
 MAX_FILE_BYTES = 4 * 1024 * 1024  # far beyond any real config; stops a wrong file early
@@ -111,6 +111,16 @@ def load_config_file(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([ConfigProblem(
             source, None, None, "", "file too large", f"{len(data):,}+ bytes",
             f"at most {MAX_FILE_BYTES:,} bytes", "is this the config file?")])
+    return load_config_bytes(data, source)
+
+
+def load_config_bytes(data: bytes, source: str) -> Config:
+    """Config from a named file's bytes: unlike load_config(None), an empty file is an
+    error (named on purpose and empty means truncated, mostly)."""
+    if not data.strip():
+        raise ConfigError([ConfigProblem(
+            source, None, None, "", "the file is empty", None, "a YAML mapping of settings",
+            "leave out --config to run on the built-in defaults")])
     return load_config(data, source)
 
 

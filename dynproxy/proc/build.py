@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from dynproxy.core.config import MAX_FILE_BYTES as CONFIG_MAX_BYTES
-from dynproxy.core.config import Config, apply_overrides, load_config, load_config_file
+from dynproxy.core.config import (
+    Config,
+    apply_overrides,
+    load_config,
+    load_config_bytes,
+    load_config_file,
+)
 from dynproxy.core.topology import Topology
 from dynproxy.lang import RuleSet, build
 from dynproxy.lang.loader import load_program
@@ -50,7 +56,7 @@ def _config_from_files(src: Sources) -> Config:
         data = None
     if data is None or len(data) > CONFIG_MAX_BYTES:
         return load_config_file(src.config_path)  # it says what is wrong, as always
-    return load_config(data, src.config_path)
+    return load_config_bytes(data, src.config_path)
 
 
 def load_rules(src: Sources, cfg: Config) -> RuleSet:

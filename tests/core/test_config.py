@@ -678,3 +678,13 @@ def test_config_modules_import_no_io_libraries(module):
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"gevent", "socket", "ssl", "redis", "select", "subprocess"}
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    # `--config FILE` names a file on purpose: empty means truncated, not "defaults please"
+    path = tmp_path / "dynproxy.yaml"
+    path.write_text("\n  \n")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config_file(path)
+    path.write_text("# everything at its default\n{}\n")
+    assert load_config_file(path) == load_config(None)
