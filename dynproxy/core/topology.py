@@ -260,16 +260,23 @@ class Topology:
                 return pool.name
         return "-"
 
-    def snapshot(self) -> dict:
-        """JSON-ready view for GET /backends."""
+    def snapshot(self, active: dict[str, int] | None = None) -> dict:
+        """JSON-ready view for GET /backends; `active` (member id -> open connections)
+        replaces this process's own counts (the master's workers carry the traffic)."""
+        def view(m: Member, source: str, weight: int | None = None) -> dict:
+            shown = _member_view(m, source, weight)
+            if active is not None:
+                shown["active_connections"] = active.get(m.id, 0)
+            return shown
+
         return {
             "pools": {name: {
                 "algo": pool.spec.algo + (f"({pool.spec.hash_key})" if pool.spec.hash_key else ""),
-                "members": [_member_view(m, "redis" if m in pool.redis_members else "rules",
-                                         pool.weight_of(m))
+                "members": [view(m, "redis" if m in pool.redis_members else "rules",
+                                 pool.weight_of(m))
                             for m in pool.members],
             } for name, pool in self.pools.items()},
-            "backends": {name: _member_view(m, m.spec.source) for name, m in self.backends.items()},
+            "backends": {name: view(m, m.spec.source) for name, m in self.backends.items()},
         }
 
 

@@ -45,8 +45,16 @@ class Monitoring:
 
     def _start(self, bind: tuple[str, int]):
         master = self.master
-        return start_http(bind, master.metrics, lambda: master.state,
-                          lambda: master.serving.current.topology.snapshot())
+        return start_http(bind, master.metrics, lambda: master.state, self.backends_view)
+
+    def backends_view(self) -> dict:
+        """The master's topology (it runs the health checks and Redis watcher) with the
+        open connections its workers report (they carry the traffic)."""
+        active: dict[str, int] = {}
+        for handle in self.master.workers.values():
+            for member, count in handle.active.items():
+                active[member] = active.get(member, 0) + count
+        return self.master.serving.current.topology.snapshot(active)
 
     def where(self) -> str:
         if self.bind is None:

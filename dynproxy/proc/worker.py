@@ -40,6 +40,9 @@ EXIT_CANNOT_START = 3  # the master reads the "failed" message for the reason
 _HURRY_OPS = frozenset({"stop"})
 
 
+ACTIVE_REPORT_INTERVAL = 1.0  # seconds
+
+
 class _WorkerField(logging.Filter):
     """Every log line of a worker says which worker wrote it."""
 
@@ -77,7 +80,20 @@ class Worker:
         metrics.config_generation.set(snapshot.generation)
         self.channel.send({"op": "ready", "pid": os.getpid(), "generation": bundle.generation})
         gevent.spawn(self._read_channel)
+        gevent.spawn(self._report_active)
         return self._loop()
+
+    def _report_active(self) -> None:
+        """Tell the master each member's open connections here (for GET /backends),
+        when they changed, at most once a second."""
+        last: dict = {}
+        while True:
+            gevent.sleep(ACTIVE_REPORT_INTERVAL)
+            counts = {m.id: m.active for m in self.server.serving.current.topology.members.values()
+                      if m.active}
+            if counts != last:
+                self.channel.send({"op": "active", "counts": counts})
+                last = counts
 
     def _cannot_start(self, exc: Exception) -> int:
         self.channel.send({"op": "failed", "error": str(exc), "kind": type(exc).__name__})
@@ -199,4 +215,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("DP_PROFILE"):  # TEMPORARY profiling hook (remove)
+        import cProfile
+        prof = cProfile.Profile()
+        try:
+            rc = prof.runcall(main)
+        finally:
+            prof.dump_stats(os.environ["DP_PROFILE"] + f".{os.getpid()}")
+        sys.exit(rc)
     sys.exit(main())

@@ -44,6 +44,7 @@ class WorkerHandle:
         self.exited = Event()
         self.reply: AsyncResult | None = None  # the pending reload's answer
         self.generation = 0  # the generation it last said it serves
+        self.active: dict[str, int] = {}  # member id -> its open connections here (reported)
         self.retiring = False  # drained on purpose (fewer workers): not to be replaced
         self.pid = 0
         self.returncode: int | None = None
@@ -128,6 +129,8 @@ class WorkerHandle:
                      self.generation, extra={"worker": self.slot, "pid": self.pid,
                                              "event": "worker_ready"})
             self.started.set(True)
+        elif op == "active":
+            self.active = {str(k): int(v) for k, v in message.get("counts", {}).items()}
         elif op == "failed":
             self.started.set_exception(WorkerStartFailed(message.get("error", "unknown")))
         elif op in ("reloaded", "reload_failed") and self.reply is not None:
