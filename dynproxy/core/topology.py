@@ -23,7 +23,7 @@ class Member:
     """One backend as the balancer and the connection code see it (mutable, per worker)."""
 
     __slots__ = ("id", "spec", "weight", "active", "health", "draining", "removed",
-                 "last_check", "actively_checked", "retry_at")
+                 "last_check", "actively_checked", "retry_at", "connections")
     PASSIVE_RETRY = 10.0  # seconds a member without active checks rests after going down
 
     def __init__(self, spec: BackendSpec, weight: int, rise: int = 2, fall: int = 3):
@@ -37,6 +37,9 @@ class Member:
         self.last_check: float | None = None
         self.actively_checked = False  # set when a pool with a `health` line owns it
         self.retry_at = 0.0
+        # closers of its open connections, registered by the connection code, for
+        # `redis.close_removed` (a set: adding and discarding cost O(1) per connection)
+        self.connections: set = set()
 
     @property
     def available(self) -> bool:
@@ -47,6 +50,14 @@ class Member:
         # Without active checks nothing would ever bring a member back: after a rest,
         # let live traffic try it again (as nginx's fail_timeout does).
         return not self.actively_checked and time.monotonic() >= self.retry_at
+
+    def close_connections(self) -> int:
+        """Close every open connection to this member (it left Redis, and the operator
+        asked for `close_removed`); returns how many."""
+        closers, self.connections = list(self.connections), set()
+        for close in closers:
+            close()
+        return len(closers)
 
     def record(self, ok: bool, reason: str = "") -> Transition | None:
         transition = self.health.record(ok, reason)

@@ -295,7 +295,11 @@ def _apply_members(topology, event: dict, metrics) -> None:
         return
     specs = [BackendSpec(b["name"], b["host"], int(b["port"]), int(b["weight"]),
                          source="redis") for b in event["backends"]]
-    topology.set_redis_members(event["pool"], specs)
+    gone = topology.set_redis_members(event["pool"], specs)
+    if event.get("close_removed"):
+        for member in gone:
+            if member.removed:  # not still a member somewhere else
+                member.close_connections()
 
 
 def _apply_health(topology, event: dict, metrics) -> None:

@@ -246,3 +246,22 @@ def test_all_members_down_without_fallback_is_a_counted_no_backend():
         dial(snap, decision, ConnInfo("tcp", "10.0.0.1", 80, None, ()), metrics)
     assert failed.value.end == "no_backend"
     assert metrics.errors_total.labels("no_backend")._value.get() == 1
+
+
+def test_close_removed_closes_the_open_connections_of_a_member_that_left():
+    rules = load_text('pool web { members from redis "web-*" }\ndefault -> forward(web)\n')
+    topo = Topology(rules.backends, rules.pools)
+    metrics = init_metrics(None)
+    two = [{"name": n, "host": "127.0.0.1", "port": p, "weight": 1}
+           for n, p in (("web-1", 9001), ("web-2", 9002))]
+    apply_event(topo, {"kind": "members", "pool": "web", "backends": two}, metrics)
+    closed = []
+    for name in ("web-1", "web-2"):
+        topo.members[name].connections.add(lambda name=name: closed.append(name))
+    apply_event(topo, {"kind": "members", "pool": "web", "backends": two[1:],
+                       "close_removed": False}, metrics)
+    assert closed == []  # by default a removed backend's connections finish
+    kept = topo.members["web-2"]
+    apply_event(topo, {"kind": "members", "pool": "web", "backends": [],
+                       "close_removed": True}, metrics)
+    assert closed == ["web-2"] and kept.connections == set()
