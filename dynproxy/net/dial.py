@@ -1,23 +1,46 @@
 """Connecting to a backend: pick a member, connect within the connect budget, try
-the next member on failure, and report passive health. gevent sockets only.
+the next member on failure, and report passive health.
+
+`dial_raw` is the TCP hot path: a plain non-blocking `_socket.socket` (SOCK_NONBLOCK,
+so no fcntl/ioctl), one connect(2), one wait for writability (a libev watcher and a
+timer with the remaining budget, switching straight back into this greenlet), one
+getsockopt(SO_ERROR). gevent's own connect costs two connect calls, two getsockopts,
+an ioctl, two fcntls and a Timeout object. `dial` wraps the result in a gevent socket
+for callers that need blocking-style sockets (TLS termination).
+
+Must never block the hub: every wait has the remaining budget as its deadline.
 """
 
 from __future__ import annotations
 
+import _socket
+import errno
 import functools
 import ipaddress
 import logging
+import os
 import socket
 import time
+
+from gevent import socket as gsocket
+from gevent.hub import get_hub
+from greenlet import getcurrent
 
 from dynproxy.core.decision import Decision
 from dynproxy.core.router import ConnInfo
 from dynproxy.core.topology import Member
-from dynproxy.net.tls_stream import connect_tls
+from dynproxy.net.relay_pools import WATCHERS
+from dynproxy.net.tls_stream import TlsStream, connect_tls
 from dynproxy.obs.log import log_once_per, log_transition
 
 log = logging.getLogger("dynproxy.dial")
 MAX_ATTEMPTS = 3
+_WRITE = 2  # libev event mask
+_READY, _EXPIRED = 1, 0  # what the watcher and the timer switch back with
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+_CONNECTING = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
+_NOBODY: frozenset[str] = frozenset()
+_UNKNOWN = object()  # dial_raw's `hashed` when the caller did not work it out
 
 
 class DialFailed(Exception):
@@ -27,23 +50,48 @@ class DialFailed(Exception):
 
 
 def dial(snap, decision: Decision, conn: ConnInfo, metrics):
-    """(member, connected socket) with member.active already counted, or DialFailed."""
+    """(member, connected gevent socket or TlsStream) with member.active already
+    counted, or DialFailed."""
+    member, sock, writer = dial_raw(snap, decision, conn, metrics)
+    if writer is not None:
+        WATCHERS.give(writer)
+    if isinstance(sock, TlsStream):
+        return member, sock
+    return member, gsocket.socket(sock.family, socket.SOCK_STREAM, fileno=sock.detach())
+
+
+def dial_raw(snap, decision: Decision, conn: ConnInfo, metrics, hashed=_UNKNOWN):
+    """(member, socket, write watcher or None) with member.active already counted, or
+    DialFailed. The socket is a non-blocking `_socket.socket` (a TlsStream for a backend
+    declared with `tls`); the watcher, when not None, is the libev write watcher the
+    connect waited on (from WATCHERS): the caller owns it (the relay reuses it).
+    `hashed`: what hash_source(decision, topology) said, when the caller keeps it."""
     topo = snap.topology
-    budget = snap.config.server.timeouts.connect
-    deadline = time.monotonic() + budget
-    hash_key = _hash_key(decision, conn, topo)
+    deadline = time.monotonic() + snap.config.server.timeouts.connect
+    if hashed is _UNKNOWN:
+        hashed = hash_source(decision, topo)
+    hash_key = None if hashed is None else conn.src if hashed == "src" else conn.sni
     last = None
-    for member in topo.candidates(decision, hash_key, MAX_ATTEMPTS):
+    tried: list[str] = []  # as Topology.candidates, without a generator and sets per try
+    for _ in range(MAX_ATTEMPTS):
+        member = topo.pick(decision, hash_key, frozenset(tried) if tried else _NOBODY)
+        if member is None:
+            break
+        tried.append(member.id)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         last = member
         member.active += 1
-        sock = _connect(member, remaining, metrics)
-        if sock is not None:
+        try:
+            connected = _connect(member, remaining, metrics)
+        except BaseException:  # a kill while connecting: the count must not leak
+            member.active -= 1
+            raise
+        if connected is not None:
             if member.health.consecutive or not member.health.up:
                 _passive_success(topo, member, metrics)
-            return member, sock
+            return member, *connected
         member.active -= 1
         _passive_failure(topo, member, metrics)
     if last is None:
@@ -53,17 +101,8 @@ def dial(snap, decision: Decision, conn: ConnInfo, metrics):
 
 
 def _hash_key(decision: Decision, conn: ConnInfo, topo) -> str | None:
-    """What the balancers hash: the rule's `algo=hash(...)`, else the key of the first
-    target pool that balances by hash (an lb's own wrr or least_conn ignores it), so
-    `lb(web, ...)` keeps web's `balance hash(src)` sticky."""
-    key = decision.hash_key
-    if key is None:
-        pools = topo.pools
-        for target in decision.targets:
-            pool = pools.get(target.name)
-            if pool is not None and pool.spec.hash_key is not None:
-                key = pool.spec.hash_key
-                break
+    """What the balancers hash for this connection (see hash_source)."""
+    key = hash_source(decision, topo)
     if key == "src":
         return conn.src
     if key == "sni":
@@ -71,32 +110,97 @@ def _hash_key(decision: Decision, conn: ConnInfo, topo) -> str | None:
     return None
 
 
+def hash_source(decision: Decision, topo) -> str | None:
+    """Which connection fact the balancers hash: the rule's `algo=hash(...)`, else the
+    key of the first target pool that balances by hash (an lb's own wrr or least_conn
+    ignores it), so `lb(web, ...)` keeps web's `balance hash(src)` sticky. "src", "sni"
+    or None; it depends only on the decision and its rule set's pools, so callers may
+    keep it per decision."""
+    key = decision.hash_key
+    if key is None:
+        pools = topo.pools
+        for target in decision.targets:
+            pool = pools.get(target.name)
+            if pool is not None and pool.spec.hash_key is not None:
+                return pool.spec.hash_key
+    return key
+
+
 def _connect(member: Member, timeout: float, metrics):
+    """(socket, write watcher or None) connected within `timeout`; None when it fails
+    (counted, logged once per interval)."""
     spec = member.spec
     started = time.monotonic()
+    writer = None
     try:
         family, sockaddr = resolve(spec.host, spec.port)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        sock = _socket.socket(family, _NONBLOCKING_STREAM)
         try:
-            sock.connect(sockaddr)
+            writer = _connect_within(sock, sockaddr, timeout)
         except BaseException:
             sock.close()
             raise
-    except (OSError, socket.timeout) as exc:
-        reason = "timeout" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+    except OSError as exc:
+        reason = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         metrics.errors_total.labels("connect_failed").inc()
         log_once_per(f"connect-{member.id}", 10.0, "connect to %s (%s) failed: %s",
                      member.id, spec.address, reason)
         return None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if spec.tls is not None:  # re-encrypt: a TlsStream, verified, or the next member
-        sock = _secure(member, sock, started + timeout, metrics)
+        if writer is not None:
+            WATCHERS.give(writer)
+            writer = None
+        sock = _secure(member, gsocket.socket(family, socket.SOCK_STREAM,
+                                              fileno=sock.detach()),
+                       started + timeout, metrics)
         if sock is None:
             return None
-    sock.settimeout(None)
-    metrics.backend_response_time_seconds.labels(member.id).observe(time.monotonic() - started)
-    return sock
+    metrics.batch.cell(metrics.backend_response_time_seconds, member.id).observe(
+        time.monotonic() - started)
+    return sock, writer
+
+
+def _connect_within(sock, sockaddr, timeout: float):
+    """connect(2) a non-blocking socket; wait for it at most `timeout` seconds. Returns
+    the write watcher it waited with (None when it connected at once); raises OSError
+    (TimeoutError when time ran out), closing the watcher."""
+    err = sock.connect_ex(sockaddr)
+    if not err:
+        return None
+    if err not in _CONNECTING:
+        raise OSError(err, os.strerror(err))
+    loop = get_hub().loop
+    writer = WATCHERS.take(loop, sock.fileno(), _WRITE)
+    try:
+        if not wait_ready(writer, timeout, loop):
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        WATCHERS.give(writer)
+        raise
+    writer.stop()
+    return writer
+
+
+def wait_ready(watcher, timeout: float, loop=None) -> bool:
+    """Park this greenlet until `watcher` fires (True) or `timeout` seconds pass (False).
+
+    The watcher and a timer call this greenlet's switch directly: no Waiter, no
+    Timeout object, no exception on expiry. Both are stopped before it returns.
+    """
+    hub = get_hub()
+    timer = (loop or hub.loop).timer(timeout)
+    switch = getcurrent().switch
+    watcher.start(switch, _READY)
+    timer.start(switch, _EXPIRED)
+    try:
+        return hub.switch() == _READY
+    finally:
+        watcher.stop()
+        timer.close()
 
 
 def _secure(member: Member, sock, deadline: float, metrics):

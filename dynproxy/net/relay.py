@@ -1,25 +1,29 @@
 """Relay bytes both ways between a client socket and an upstream socket: the TCP hot path.
 
-`relay()` runs in the connection's own greenlet and multiplexes both directions there:
-it starts libev watchers (the gevent socket's own read/write watchers when it has them,
-so nothing is allocated for them) whose callback switches back into this greenlet with a
-small int naming the event, and parks in `hub.switch()` in between. One greenlet per
-connection, one switch per readiness event, no Waiter or Timeout objects.
+A `Relay` runs in the hub, on libev callbacks, with no greenlet of its own: its read and
+write watchers (the sockets' own when they are gevent sockets) call `Relay._event` with
+a small int naming the event, which moves bytes and returns. An idle proxied connection
+is therefore only a few small objects: no greenlet, no stack, no frame. When the
+exchange ends the relay closes both sockets and calls `on_done(relay)`.
+`relay()` is the same thing for a greenlet that wants to wait for the result.
 
 Bytes go through `splice(2)` and a pipe borrowed from a per-process free list
-(`relay_pools.PIPES`) only while bytes are in flight, so an idle connection owns no pipe and no buffer, and the bytes
-never enter Python. Without splice (`use_splice=False`, or a socket type splice refuses)
-the same loop copies through a pooled buffer with `recv_into`/`send`.
+(`relay_pools.PIPES`) only while bytes are in flight, so an idle connection owns no pipe
+and no buffer, and the bytes never enter Python. Without splice (`use_splice=False`, or
+a socket type splice refuses) the same flows copy with `recv_into`/`send`; with
+`copy_first` they copy until the exchange turns out to be bulk (relay_flows.CopyFlow),
+which is cheaper for a request and a reply.
 
-Must never: spawn a greenlet, make a call that can block the hub (every socket and pipe
-call here is non-blocking), hold more than one pipe or buffer per direction, give back
-a pipe that still holds bytes, leave a watcher running or an fd open when it returns or
-is killed, or touch TLS sockets (splice would bypass the SSL object).
+Must never: spawn a greenlet, block or yield in a callback (every socket and pipe call
+is non-blocking), let an exception reach the hub, hold more than one pipe or buffer per
+direction, give back a pipe that still holds bytes, leave a watcher running or an fd
+open when it ends or is aborted, or touch TLS sockets (splice would bypass the SSL
+object).
 """
 
 from __future__ import annotations
 
-import errno
+import _socket
 import os
 import socket
 import ssl
@@ -30,24 +34,21 @@ import gevent.ssl
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
-from dynproxy.net.relay_pools import BUFFERS, PIPES, BufferPool, PipePool
+from dynproxy.net.relay_flows import READ, Broken, CopyFlow, SpliceFlow
+from dynproxy.net.relay_pools import BUFFERS, PIPES, WATCHERS, BufferPool, PipePool
+from dynproxy.obs.log import log_once_per
 
-__all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool", "RelayResult", "relay"]
+__all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool", "Relay", "RelayResult", "relay"]
 
-_SPLICE = getattr(os, "splice", None)
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-_READ, _WRITE = 1, 2  # libev event masks
-# Tokens the watchers switch back with: bit 0 = writable, bit 1 = downstream flow.
-_UP_READ, _UP_WRITE, _DOWN_READ, _DOWN_WRITE, _TICK = range(5)
-# The idle timer ticks this many times per idle_timeout: one timer started once per
-# connection (never re-armed per chunk), and a silent pair ends within 1/8 of the timeout.
+_SPLICE = getattr(os, "splice", None)  # the flows get it from here (tests replace it)
+# Tokens the watchers call back with: bit 0 = writable, bit 1 = downstream flow.
+_UP_READ, _UP_WRITE, _DOWN_READ, _DOWN_WRITE = range(4)
+# The idle clock ticks this many times per idle_timeout: one timer per timeout value for
+# all relays (never re-armed per chunk), and a silent pair ends within 1/8 of the timeout.
 _IDLE_TICKS = 8
-# A read that fills the whole chunk means more is waiting: read again at once rather
-# than after another trip through the event loop, a few times before letting others run.
-_READS_PER_WAKEUP = 4
-_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
 _LINGER_ABORT = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
 _TLS_SOCKETS = (ssl.SSLSocket, gevent.ssl.SSLSocket)
+_CSocket = _socket.socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,242 +68,196 @@ class RelayResult:
     ended_by: str
 
 
-class _Broken(Exception):
-    """A socket failed mid-relay; `side` names it, `end` says how the relay ends."""
+class Relay:
+    """One relay in progress, driven by libev callbacks in the hub (see the module doc).
 
-    def __init__(self, end: str, side: str) -> None:
-        super().__init__(end, side)
-        self.end = end
-        self.side = side
-        self.first = side
-
-    @classmethod
-    def from_error(cls, exc: OSError, side: str) -> _Broken:
-        return cls("reset" if exc.errno in _RESET_ERRNOS else "error", side)
-
-
-class _Flow:
-    """One direction of a relay: bytes read from src are written to dst.
-
-    States: reading (reader watcher on) or writing (bytes pending, writer watcher on,
-    reader off: that is the backpressure), until src's EOF is passed on as dst's
-    half-close (`done`). The subclasses move the bytes; they add no slots, so a splice
-    flow can turn into a copy flow in place.
+    Owns both sockets from `start()` on: they are closed when it ends or is aborted.
+    `on_done(relay)` is called once, after the sockets are closed, unless `abort()`
+    ended it; then `end` and `first` say how it ended and `up.moved`/`down.moved` what
+    went through (`result` makes a RelayResult of them). `client_reader` and
+    `upstream_writer` are watchers the caller already made for those sockets (from
+    WATCHERS; the relay gives them back). `copy_first`: copy with recv/send until a read
+    fills the buffer or BULK_BYTES moved, then splice: a short exchange needs no pipe.
     """
 
-    __slots__ = ("src", "dst", "src_fd", "dst_fd", "reader", "writer", "switch", "token",
-                 "size", "moved", "done", "side", "peer", "head", "pipe", "inflight",
-                 "view", "out")
+    __slots__ = ("up", "down", "client", "upstream", "clock", "on_done", "first", "end",
+                 "last_moved", "quiet")
 
-    def __init__(self, src: tuple, dst: tuple, token: int, switch, size: int,
-                 side: str, peer: str) -> None:
-        self.src, self.src_fd, self.reader, _ = src
-        self.dst, self.dst_fd, _, self.writer = dst
-        self.switch = switch
-        self.token = token
-        self.size = size
-        self.side = side
-        self.peer = peer
-        self.moved = 0
-        self.done = False
-        self.head = self.pipe = self.view = self.out = None
-        self.inflight = 0
+    def __init__(self, client, upstream, *, idle_timeout: float | None, buffer_size: int,
+                 use_splice: bool = True, copy_first: bool = False, on_done=None,
+                 client_reader=None, upstream_writer=None) -> None:
+        loop = get_hub().loop
+        splice = _SPLICE if use_splice else None
+        flow_type = SpliceFlow if splice is not None and not copy_first else CopyFlow
+        event = self._event  # one bound method for every watcher of this relay
+        near = _endpoint(client, loop, client_reader, None)
+        far = _endpoint(upstream, loop, None, upstream_writer)
+        self.client, self.upstream = client, upstream
+        self.up = flow_type(near, far, _UP_READ, event, buffer_size, "client", "upstream",
+                            splice)
+        self.down = flow_type(far, near, _DOWN_READ, event, buffer_size, "upstream",
+                              "client", splice)
+        self.on_done = on_done
+        self.first = self.end = ""
+        self.last_moved = -1  # the first tick never counts: the pair is quiet >= timeout
+        self.quiet = 0
+        self.clock = None if idle_timeout is None else _idle_clock(loop, idle_timeout)
 
-    def begin(self, head) -> None:
-        """Send `head` (the peeked bytes) before anything else, then start reading."""
-        if head:
-            self.head = memoryview(head)
-            if not self._send_head():
-                self.writer.start(self.switch, self.token + 1)
-                return
-        self.reader.start(self.switch, self.token)
+    @property
+    def result(self) -> RelayResult | None:
+        if not self.end:
+            return None
+        return RelayResult(self.up.moved, self.down.moved, self.end, self.first)
 
-    def release(self) -> None:
-        """Stop both watchers and give back (or, with bytes in it, close) the pipe."""
-        self.reader.stop()
-        self.writer.stop()
-        # A kill's traceback holds our frames; without this, frame -> flow -> greenlet
-        # -> exception -> traceback -> frame would be a cycle only the cyclic GC frees.
-        self.switch = None
-        pipe, self.pipe = self.pipe, None
-        if pipe is not None and self.inflight:
-            PIPES.discard(pipe)
-        elif pipe is not None:
-            PIPES.give(pipe)
-        view, self.view, self.out = self.view, None, None
-        if view is not None:
-            BUFFERS.give(view)
-
-    def _send_head(self) -> bool:
-        head = self.head
+    def start(self, initial_up=b"") -> None:
+        """Send `initial_up` upstream, then relay; may end (and call on_done) at once."""
         try:
-            sent = self.dst.send(head)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise _Broken.from_error(exc, self.peer) from None
-        self.moved += sent
-        if sent < len(head):
-            self.head = head[sent:]
-            return False
-        self.head = None
-        return True
+            if self.clock is not None:
+                self.clock.add(self)
+            self.up.begin(initial_up)
+            self.down.begin(b"")
+        except Broken as broken:
+            self._broken(broken)
+        except Exception as exc:  # noqa: BLE001 - a relay must never take the process down
+            self._failed(exc)
 
-    def _wait_writable(self) -> None:
-        """dst is full: keep the bytes, stop reading src until dst drains."""
-        self.reader.stop()
-        self.writer.start(self.switch, self.token + 1)
+    def abort(self, end: str = "closed") -> None:
+        """End it now without calling on_done (a kill, a fast stop)."""
+        if not self.end:
+            self.on_done = None
+            self._end(end, self.first)
 
-    def _resume_reading(self) -> None:
-        self.writer.stop()
-        self.reader.start(self.switch, self.token)
-
-    def _finish(self) -> None:
-        """src sent EOF with nothing pending: this direction is done (see half_close)."""
-        self.reader.stop()
-        self.done = True
-
-    def half_close(self) -> None:
-        """Pass src's EOF on to dst while the other direction goes on.
-
-        Not called for the direction that finishes last: closing both sockets right
-        after sends that FIN anyway, one syscall fewer per connection. ENOTCONN means
-        dst's connection is already gone (its peer closed fully and was reset, e.g. a
-        client that closed before the server's last bytes): the half-close is moot, not
-        a reset; if dst's peer aborted mid-stream, its own read says so.
-        """
+    def _event(self, token: int) -> None:
+        """A watcher fired: move bytes; end the relay when both sides are done."""
         try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise _Broken.from_error(exc, self.peer) from None
-
-
-class _SpliceFlow(_Flow):
-    """src -> pipe -> dst with splice(2); the pipe is held only while it holds bytes."""
-
-    __slots__ = ()
-
-    def on_readable(self) -> None:
-        pipe = self.pipe
-        if pipe is None:
-            pipe = self.pipe = PIPES.take(self.size)
-        size = self.size
-        for _ in range(_READS_PER_WAKEUP):
-            try:
-                got = _SPLICE(self.src_fd, pipe[1], size, None, None, _SPLICE_FLAGS)
-            except BlockingIOError:
-                break  # spurious wakeup, or drained
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and not self.moved:
-                    return self._fall_back_to_copy()
-                raise _Broken.from_error(exc, self.side) from None
-            if not got:
-                self._finish()
-                break
-            self.inflight = got
-            if not self._drain():
-                return self._wait_writable()
-            if got < size:
-                break
-        self.pipe = None
-        PIPES.give(pipe)
-
-    def on_writable(self) -> None:
-        if self.head is not None and not self._send_head():
-            return
-        pipe = self.pipe
-        if pipe is not None:
-            if not self._drain():
+            flow = self.up if token < _DOWN_READ else self.down
+            if token & 1:
+                flow.on_writable()
+            else:
+                flow.on_readable()
+            if not flow.done:  # no event follows a done flow: this runs once per flow
                 return
-            self.pipe = None
-            PIPES.give(pipe)
-        self._resume_reading()
-
-    def _drain(self) -> bool:
-        """Move the pipe's bytes to dst; False when dst is full (the rest stays in the pipe)."""
-        left = self.inflight
-        pipe_fd, dst_fd = self.pipe[0], self.dst_fd
-        while left:
-            try:
-                sent = _SPLICE(pipe_fd, dst_fd, left, None, None, _SPLICE_FLAGS)
-            except BlockingIOError:
-                self.inflight = left
-                return False
-            except OSError as exc:
-                self.inflight = left
-                raise _Broken.from_error(exc, self.peer) from None
-            if not sent:  # the pipe lost bytes we counted: never spin on it
-                self.inflight = left
-                raise _Broken("error", self.peer)
-            left -= sent
-            self.moved += sent
-        self.inflight = 0
-        return True
-
-    def _fall_back_to_copy(self) -> None:
-        """This socket type refuses splice (EINVAL) before any byte moved: copy instead."""
-        PIPES.give(self.pipe)
-        self.pipe = None
-        self.__class__ = _CopyFlow
-        self.on_readable()
-
-
-class _CopyFlow(_Flow):
-    """src -> pooled buffer -> dst with recv_into/send; the buffer is held while it holds bytes."""
-
-    __slots__ = ()
-
-    def on_readable(self) -> None:
-        view = self.view
-        if view is None:
-            view = self.view = BUFFERS.take(self.size)
-        size = len(view)
-        for _ in range(_READS_PER_WAKEUP):
-            try:
-                got = self.src.recv_into(view)
-            except BlockingIOError:
-                break  # spurious wakeup, or drained
-            except OSError as exc:
-                raise _Broken.from_error(exc, self.side) from None
-            if not got:
-                self._finish()
-                break
-            self.out = view if got == size else view[:got]
-            if not self._drain():
-                return self._wait_writable()
-            if got < size:
-                break
-        self.view = None
-        BUFFERS.give(view)
-
-    def on_writable(self) -> None:
-        if self.head is not None and not self._send_head():
-            return
-        view = self.view
-        if view is not None:
-            if not self._drain():
+            if not (self.up.done and self.down.done):
+                self.first = flow.side
+                # At the end of this loop iteration: when the other side's EOF came in the
+                # same iteration (a short exchange), the pair just closes and the
+                # shutdown(2) and its FIN are saved.
+                flow.reader.loop.run_callback(self._half_close, flow)
                 return
-            self.view = None
-            BUFFERS.give(view)
-        self._resume_reading()
+        except Broken as broken:
+            return self._broken(broken)
+        except Exception as exc:  # noqa: BLE001 - never let it reach the hub
+            return self._failed(exc)
+        self._end("closed", self.first)
 
-    def _drain(self) -> bool:
-        """Send the pending bytes to dst; False when dst is full (the rest stays pending)."""
-        out = self.out
-        while True:
+    def _half_close(self, flow) -> None:
+        """Pass `flow`'s EOF on, unless the relay ended meanwhile (then close does it)."""
+        if self.end:
+            return
+        try:
+            flow.half_close()
+        except Broken as broken:
+            self._broken(broken)
+        except Exception as exc:  # noqa: BLE001 - never let it reach the hub
+            self._failed(exc)
+
+    def tick(self) -> None:
+        """The idle clock ticked: end the relay when the pair was silent for the whole
+        idle timeout (at least _IDLE_TICKS ticks after the last byte moved)."""
+        moved = self.up.moved + self.down.moved
+        if moved != self.last_moved:
+            self.last_moved, self.quiet = moved, 0
+            return
+        self.quiet += 1
+        if self.quiet >= _IDLE_TICKS:
+            self._end("timeout", self.first)
+
+    def _broken(self, broken: Broken) -> None:
+        if broken.end == "reset":  # the survivor must see the stream was cut, not ended
+            _abort(self.down.src if broken.side == "client" else self.up.src)
+        self._end(broken.end, self.first or broken.side)
+
+    def _failed(self, exc: Exception) -> None:
+        log_once_per(f"relay-{type(exc).__name__}", 10.0, "relay failed unexpectedly: %r", exc)
+        self._end("error", self.first)
+
+    def _end(self, end: str, first: str) -> None:
+        if self.end:
+            return
+        self.end, self.first = end, first
+        if self.clock is not None:
+            self.clock.discard(self)
+        self.up.release()
+        self.down.release()
+        self.client.close()
+        self.upstream.close()
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done(self)
+
+
+class _IdleClock:
+    """One repeating timer for every relay of one idle timeout, ticking every 1/8 of it
+    while any is registered (a timer per relay would be made, started and closed per
+    connection, and kept per idle connection)."""
+
+    __slots__ = ("loop", "timer", "relays")
+
+    def __init__(self, loop, idle_timeout: float) -> None:
+        tick = idle_timeout / _IDLE_TICKS
+        self.loop = loop
+        self.timer = loop.timer(tick, tick)
+        self.relays: set[Relay] = set()
+
+    def add(self, relay: Relay) -> None:
+        if not self.relays:
+            self.timer.start(self._tick)
+        self.relays.add(relay)
+
+    def discard(self, relay: Relay) -> None:
+        relays = self.relays
+        relays.discard(relay)
+        if not relays:
+            self.timer.stop()  # an idle process has no timer running
+
+    def _tick(self) -> None:
+        for relay in list(self.relays):  # a relay told to end leaves the set
             try:
-                sent = self.dst.send(out)
-            except BlockingIOError:
-                self.out = out
-                return False
-            except OSError as exc:
-                raise _Broken.from_error(exc, self.peer) from None
-            self.moved += sent
-            if sent == len(out):
-                self.out = None
-                return True
-            out = out[sent:]
+                relay.tick()
+            except Exception as exc:  # noqa: BLE001 - never let it reach the hub
+                log_once_per("relay-idle-tick", 10.0, "idle check failed: %r", exc)
+
+
+_CLOCKS: dict[float, _IdleClock] = {}
+
+
+def _idle_clock(loop, idle_timeout: float) -> _IdleClock:
+    clock = _CLOCKS.get(idle_timeout)
+    if clock is None or clock.loop is not loop:
+        if len(_CLOCKS) >= 64:  # timeouts come from configs: drop the unused ones
+            for key in [k for k, c in _CLOCKS.items() if not c.relays]:
+                del _CLOCKS[key]
+        clock = _CLOCKS[idle_timeout] = _IdleClock(loop, idle_timeout)
+    return clock
+
+
+def _endpoint(sock, loop, reader, writer) -> tuple:
+    """(never-waiting socket object, fd, read watcher, write watcher or None, pooled).
+
+    A gevent socket lends its own two watchers (they are ours while the relay owns the
+    socket). Any other socket is made non-blocking and gets watchers from WATCHERS.
+    """
+    if type(sock) is not _CSocket:  # the TCP path's own sockets skip these probes
+        raw = getattr(sock, "_sock", None)
+        borrowed = getattr(sock, "_read_event", None)
+        if raw is not None and borrowed is not None:
+            return raw, raw.fileno(), borrowed, sock._write_event, False
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+    fd = sock.fileno()
+    if reader is None:
+        reader = WATCHERS.take(loop, fd, READ)
+    return sock, fd, reader, writer, True
 
 
 def relay(client: socket.socket, upstream: socket.socket, *, initial_up: bytes = b"",
@@ -317,102 +272,27 @@ def relay(client: socket.socket, upstream: socket.socket, *, initial_up: bytes =
     seen to be cut); `idle_timeout` seconds without a byte delivered ends it with
     "timeout" (None: never). At most `buffer_size` bytes per direction are in flight.
 
-    The relay owns both sockets from the call on: they are closed when it returns, raises
-    or is killed (GreenletExit passes through after cleanup). Plain sockets only: a TLS
-    socket raises TypeError; a non-positive buffer_size or idle_timeout, ValueError.
+    The calling greenlet waits; the relay owns both sockets from the call on: they are
+    closed when it returns, raises or is killed (GreenletExit passes through after
+    cleanup). Plain sockets only: a TLS socket raises TypeError; a non-positive
+    buffer_size or idle_timeout, ValueError.
     """
     _check_arguments(client, upstream, idle_timeout, buffer_size)
-    hub = get_hub()
-    flow_type = _SpliceFlow if use_splice and _SPLICE is not None else _CopyFlow
-    switch = getcurrent().switch
-    up = down = ticker = None
-    ends = (_endpoint(client, hub.loop), _endpoint(upstream, hub.loop))
-    try:
-        up = flow_type(ends[0], ends[1], _UP_READ, switch, buffer_size, "client", "upstream")
-        down = flow_type(ends[1], ends[0], _DOWN_READ, switch, buffer_size, "upstream", "client")
-        if idle_timeout is not None:
-            tick = idle_timeout / _IDLE_TICKS
-            ticker = hub.loop.timer(tick, tick)
-            ticker.start(switch, _TICK)
-        up.begin(initial_up)
-        down.begin(b"")
-        end, first = _pump(hub, up, down)
-    except _Broken as broken:
-        end, first = broken.end, broken.first
-        if end == "reset":
-            _abort(ends[1][0] if broken.side == "client" else ends[0][0])
-    finally:
-        _clean_up(ticker, up, down, ends, client, upstream)
-        switch = None  # see _Flow.release: no frame -> greenlet reference survives us
-    return RelayResult(up.moved, down.moved, end, first)
-
-
-def _pump(hub, up: _Flow, down: _Flow) -> tuple[str, str]:
-    """Dispatch readiness events to the flows until both are done or the pair is idle.
-
-    Kept as one loop (not one function per event) because it runs once per event of
-    every connection: locals and a couple of int tests are all it costs.
-    """
-    hub_switch = hub.switch
-    first = ""
-    last_moved = up.moved + down.moved
-    quiet_ticks = 0
-    try:
-        while True:
-            token = hub_switch()
-            if token == _TICK:
-                moved = up.moved + down.moved
-                if moved != last_moved:
-                    last_moved, quiet_ticks = moved, 0
-                    continue
-                quiet_ticks += 1
-                if quiet_ticks == _IDLE_TICKS:
-                    return "timeout", first
-                continue
-            flow = up if token < _DOWN_READ else down
-            if token & 1:
-                flow.on_writable()
-            else:
-                flow.on_readable()
-            if flow.done:  # it finished at this very event: no event follows a done flow
-                if up.done and down.done:
-                    return "closed", first
-                first = flow.side
-                flow.half_close()
-    except _Broken as broken:
-        broken.first = first or broken.side
-        raise
-
-
-def _endpoint(sock: socket.socket, loop) -> tuple:
-    """(never-waiting socket object, fd, read watcher, write watcher) for `sock`.
-
-    A gevent socket wraps a non-blocking `_sock` and owns two idle watchers for its fd:
-    borrow both (they are ours while the relay owns the socket). A stdlib socket is made
-    non-blocking and gets watchers of its own, closed by `_clean_up`.
-    """
-    raw = getattr(sock, "_sock", None)
-    reader = getattr(sock, "_read_event", None)
-    if raw is not None and reader is not None:
-        return raw, raw.fileno(), reader, sock._write_event
-    if sock.gettimeout() != 0.0:
-        sock.setblocking(False)
-    fd = sock.fileno()
-    return sock, fd, loop.io(fd, _READ), loop.io(fd, _WRITE)
-
-
-def _clean_up(ticker, up, down, ends, client, upstream) -> None:
-    """Stop every watcher, settle the pipes and buffers, close both sockets."""
-    if ticker is not None:
-        ticker.close()
-    for flow in (up, down):
-        if flow is not None:
-            flow.release()
-    for end, sock in zip(ends, (client, upstream), strict=True):
-        if end[0] is sock:  # stdlib socket: the watchers were ours
-            end[2].close()
-            end[3].close()
-        sock.close()
+    job = Relay(client, upstream, idle_timeout=idle_timeout, buffer_size=buffer_size,
+                use_splice=use_splice)
+    job.start(initial_up)
+    if not job.end:
+        hub = get_hub()
+        job.on_done = getcurrent().switch
+        try:
+            while not job.end:
+                hub.switch()
+        except BaseException:
+            job.abort()
+            raise
+        finally:
+            job.on_done = None  # no frame -> greenlet reference survives us
+    return job.result
 
 
 def _abort(raw) -> None:

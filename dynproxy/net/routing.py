@@ -15,6 +15,7 @@ import gevent
 
 from dynproxy.core.decision import Decision
 from dynproxy.core.router import ConnInfo
+from dynproxy.net.dial import hash_source
 from dynproxy.obs.log import log_once_per
 
 log = logging.getLogger("dynproxy.routing")
@@ -30,7 +31,35 @@ class RouteContext:
     snapshot: object  # net.state.Snapshot (rules, topology, config)
 
 
+class DecisionFacts:
+    """What the connection path needs of a decision, worked out once per decision:
+    its proxy_routing_decisions_total cell, the deciding rule's file:line, and what its
+    balancers hash."""
+
+    __slots__ = ("decision", "metrics", "counter", "where", "hashed")
+
+    def __init__(self, decision: Decision, metrics, topology) -> None:
+        rule = decision.rule
+        self.decision, self.metrics = decision, metrics
+        self.counter = metrics.batch.cell(metrics.routing_decisions_total,
+                                          rule.label if rule else "none", decision.action)
+        self.where = rule.where if rule else None
+        # what the balancers hash (net.dial.hash_source): fixed by the decision's rule set
+        self.hashed = hash_source(decision, topology) if decision.targets else None
+
+
+# id(decision) -> its facts; each entry holds its decision, so the id cannot be reused
+# while it is here. Decisions live in rule sets (a plugin may answer new ones): bounded.
+_FACTS: dict[int, DecisionFacts] = {}
+_FACTS_MAX = 4096
+
+
 def route(snap, conn: ConnInfo, metrics) -> Decision:
+    return route_facts(snap, conn, metrics).decision
+
+
+def route_facts(snap, conn: ConnInfo, metrics) -> DecisionFacts:
+    """The decision for `conn` (plugins asked as the rules say), counted, with its facts."""
     rules = snap.rules
     decision = rules.decide_conn(conn)
     while decision.action == "plugin":
@@ -39,9 +68,13 @@ def route(snap, conn: ConnInfo, metrics) -> Decision:
             decision = answer
             break
         decision = rules.decide_conn(conn, decision.rule.index + 1)
-    label = decision.rule.label if decision.rule else "none"
-    metrics.routing_decisions_total.labels(label, decision.action).inc()
-    return decision
+    facts = _FACTS.get(id(decision))
+    if facts is None or facts.metrics is not metrics:
+        if len(_FACTS) >= _FACTS_MAX:
+            _FACTS.clear()
+        facts = _FACTS[id(decision)] = DecisionFacts(decision, metrics, snap.topology)
+    facts.counter.inc()
+    return facts
 
 
 def ask_plugin(snap, decision: Decision, conn: ConnInfo, metrics) -> Decision | None:

@@ -3,64 +3,113 @@
 accept -> peek the ClientHello (only if some rule needs SNI/ALPN) -> decide ->
 reject, or pick a member and connect (next member on failure, within the connect
 budget) -> PROXY header -> peeked bytes -> relay both ways -> one access-log line.
-Each connection is one greenlet from the listener's bounded pool. Nothing here may
-block the hub; every wait has a deadline.
 
-Running out of file descriptors must degrade, never crash or spin: the pool is sized to
-what RLIMIT_NOFILE allows (connections beyond it wait in the kernel's listen backlog),
-and an accept that still fails for lack of descriptors pauses accepting with backoff,
-counted and logged once per interval.
+The handshake runs in a long-lived worker greenlet of the listener's `Acceptor`
+(net/tcp_accept.py); the relay then runs in hub callbacks (net/relay.py) and the
+worker goes back to take the next connection, so an idle proxied connection holds no
+greenlet. A connection terminating TLS, or re-encrypting to a `tls` backend, keeps its
+worker until it ends. Nothing here may block the hub; every wait has a deadline.
+
+Per connection, the hot path allocates and calls as little as it can: raw non-blocking
+sockets (no gevent wrapper), one recv attempt into a shared buffer before any timer is
+armed, metrics as plain-number cells pushed at most ten times a second
+(obs/metrics_batch), and the access-log line from one f-string, written in a batch
+right after the metrics it implies (obs/log.ACCESS_LINES).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import resource
 import socket
-import sys
 import time
 
-from gevent.pool import Pool
-from gevent.server import StreamServer
+from gevent import socket as gsocket
 
 from dynproxy.core.clienthello import ClientHello, ClientHelloParser, Malformed, NeedMore
-from dynproxy.core.decision import Decision
 from dynproxy.core.proxyproto import encode_v1, encode_v2
 from dynproxy.core.router import ConnInfo
-from dynproxy.net.dial import DialFailed, dial
-from dynproxy.net.relay import relay
-from dynproxy.net.tls_stream import TlsStream, relay_streams
-from dynproxy.net.routing import route
+from dynproxy.net.dial import DialFailed, dial_raw, wait_ready
+from dynproxy.net.relay import Relay
+from dynproxy.net.relay_flows import READ
+from dynproxy.net.relay_pools import WATCHERS
+from dynproxy.net.routing import route_facts
 from dynproxy.net.state import Serving
-from dynproxy.obs.log import access_log, log_once_per
+from dynproxy.net.tcp_accept import Acceptor
+from dynproxy.net.tcp_listen import BindError, connection_budget, open_tcp_listener
+from dynproxy.net.tls_stream import TlsStream, relay_streams
+from dynproxy.obs.log import ACCESS_LINES, json_text, log_once_per
+
+__all__ = ["BindError", "ConnStats", "TcpProxy", "connection_budget", "host_port",
+           "open_tcp_listener", "proxy_header"]
 
 log = logging.getLogger("dynproxy.tcp")
 PEEK_MAX = 65536
-# Descriptors per connection: the client and upstream sockets, plus a share of the
-# splice pipes held while bytes are in flight; as HAProxy sizes them (maxpipes =
-# maxconn / 4), 2.5 in all. The reserve covers what a worker opens besides connections.
-FDS_PER_TWO_CONNECTIONS = 5
-FD_RESERVE = 16
-_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_TLS_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello record
+# One peek buffer per process: a recv into it is copied out before anything can yield.
+_PEEK_VIEW = memoryview(bytearray(PEEK_MAX))
+_JSON_CACHE_MAX = 4096
+_INFO_CACHE_MAX = 4096
 
 
 class ConnStats:
-    """What the access log and metrics report for one connection."""
+    """One connection: its sockets until the relay owns them, and what the access log
+    and metrics report about it (terminate.py fills in end, backend, up, down)."""
 
-    __slots__ = ("start", "sni", "rule", "backend", "up", "down", "end", "alpn")
+    __slots__ = ("proxy", "sock", "addr", "reader", "upstream", "member", "relay", "start",
+                 "sni", "alpn", "rule", "backend", "header", "up", "down", "end")
 
-    def __init__(self):
+    def __init__(self, proxy: TcpProxy, sock, addr) -> None:
+        self.proxy, self.sock, self.addr = proxy, sock, addr
         self.start = time.monotonic()
+        self.reader = self.upstream = self.member = self.relay = None
         self.sni = self.rule = self.backend = None
         self.alpn = ()
-        self.up = self.down = 0
+        self.header = self.up = self.down = 0
         self.end = "closed"
+
+    def reader_watcher(self):
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = WATCHERS.take(self.proxy.loop, self.sock.fileno(), READ)
+        return reader
+
+    def close(self) -> None:
+        """Close what the relay did not take over (the handshake ended early)."""
+        if self.reader is not None:
+            WATCHERS.give(self.reader)
+            self.reader = None
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        self.sock.close()
+
+    def __call__(self) -> None:
+        """Close this connection now (its backend left Redis with redis.close_removed on;
+        it is one of `member.connections`): a relay in the hub ends at once, one in a
+        worker greenlet (TLS to the backend) fails on its closed socket and ends."""
+        relay = self.relay
+        if relay is not None:
+            relay.abort()
+            self.relayed(relay)
+        else:
+            self.sock.close()
+
+    def relayed(self, relay: Relay) -> None:
+        """The relay ended (it closed both sockets): report, free the slot."""
+        proxy = self.proxy
+        self.relay = None  # relay -> on_done -> us -> relay: no cycle left behind
+        try:
+            proxy.relays.discard(self)
+            self.up = max(0, relay.up.moved - self.header)  # the header is ours
+            self.down, self.end = relay.down.moved, relay.end
+            if relay.end == "reset":
+                proxy.metrics.errors_total.labels("reset").inc()
+        finally:
+            proxy.finish(self)
 
 
 class TcpProxy:
-    """One listening socket and its bounded pool of connection greenlets."""
+    """One listening socket, its accept loop and worker greenlets, and its connections."""
 
     def __init__(self, sock: socket.socket, name: str, serving: Serving, metrics,
                  max_connections: int):
@@ -68,44 +117,253 @@ class TcpProxy:
         self.serving = serving
         self.metrics = metrics
         self.max_connections = connection_budget(max_connections, name)
-        self.pool = Pool(self.max_connections)
-        self.server = _Listener(sock, self.handle, self.pool, self._out_of_fds)
         self.port = sock.getsockname()[1]
-        self._m_conn = metrics.connections_total.labels("tcp", name)
-        self._m_active = metrics.active_connections.labels("tcp")
-        self._m_full = metrics.errors_total.labels("max_connections")
-        self._m_fds = metrics.errors_total.labels("fd_limit")
+        self.acceptor = Acceptor(sock, self._connection, self.max_connections,
+                                 self._limit_reached, self._out_of_fds)
+        self.loop = self.acceptor.loop
+        self.relays: set[ConnStats] = set()  # connections whose relay runs in the hub
+        self._listener_json = json_text(name)
+        self._json: dict[str | None, str] = {}
+        self._infos: dict[object, ConnInfo] = {}
+        batch = metrics.batch
+        batch.bind(self.loop)
+        batch.after_flush(ACCESS_LINES.flush)
+        self._m_conn = batch.cell(metrics.connections_total, "tcp", name)
+        self._m_active = batch.cell(metrics.active_connections, "tcp")
+        self._m_duration = batch.cell(metrics.request_duration_seconds, "tcp")
+        self._m_up = batch.cell(metrics.bytes_transferred_total, "up", "tcp")
+        self._m_down = batch.cell(metrics.bytes_transferred_total, "down", "tcp")
+        self._m_ends: dict[str, object] = {}  # proxy_requests_total cell by how it ended
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (handshaking or relaying)."""
+        return self.acceptor.open
 
     def start(self) -> None:
-        self.server.start()
+        self.acceptor.start()
 
     def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on."""
-        self.server.close()
+        self.acceptor.close()
 
     def kill_all(self, timeout: float = 1.0) -> None:
-        self.pool.kill(timeout=timeout, block=True)
+        """End every connection now (a fast stop), then push the metrics and log lines."""
+        for conn in list(self.relays):
+            relay = conn.relay
+            if relay is not None:
+                relay.abort()
+                conn.relayed(relay)
+        self.acceptor.kill_workers(timeout)
+        self.metrics.batch.flush()
 
-    def handle(self, client: socket.socket, addr) -> None:
+    # the connection, step by step (in a worker greenlet) --------------------------------
+    def _connection(self, sock, addr) -> None:
+        """Serve one connection until the relay takes it over or it ends; never raises
+        but GreenletExit (a kill), after cleaning up."""
         self._m_conn.inc()
         self._m_active.inc()
-        if self.pool.full():  # this one took the last slot: accepting pauses until one ends
-            self._limit_reached()
-        stats = ConnStats()
+        conn = ConnStats(self, sock, addr)
+        handed = False
         try:
-            self._serve(client, addr, stats)
+            handed = self._serve(conn)
         except Exception as exc:  # noqa: BLE001 - one connection must never kill a worker
-            stats.end = "error"
+            conn.end = "error"
             self.metrics.errors_total.labels("internal").inc()
             log_once_per(f"tcp-internal-{type(exc).__name__}", 10.0,
                          "connection failed unexpectedly: %r", exc)
         finally:
-            client.close()
+            if not handed:
+                conn.close()
+                self.finish(conn)
+
+    def _serve(self, conn: ConnStats) -> bool:
+        """True once a relay owns the connection (it calls conn.relayed at the end)."""
+        snap = self.serving.current  # this connection keeps this snapshot throughout
+        initial = b""
+        if snap.needs_peek:
+            initial = self._peek_hello(conn, snap.config.server.timeouts.client_hello)
+            if initial is None:
+                return False
+        info = self._conn_info(conn.addr[0], conn.sni, conn.alpn)
+        facts = route_facts(snap, info, self.metrics)
+        decision = facts.decision
+        conn.rule = facts.where
+        if decision.action == "reject":
+            conn.end = "rejected"
+            return False
+        if decision.terminate is not None and snap.tls is not None:
+            from dynproxy.net.terminate import serve_terminated
+
+            client = self._blocking_style(conn)
+            serve_terminated(self, snap, client, conn.addr, info, decision, initial, conn)
+            return False
+        return self._forward(snap, conn, info, facts, initial)
+
+    def _forward(self, snap, conn: ConnStats, info, facts, initial) -> bool:
+        try:
+            member, upstream, writer = dial_raw(snap, facts.decision, info, self.metrics,
+                                                facts.hashed)
+        except DialFailed as failed:
+            conn.end, conn.backend = failed.end, failed.backend
+            return False
+        conn.member, conn.backend = member, member.id
+        conn.upstream = upstream
+        member.connections.add(conn)  # closed by it if the member leaves (close_removed)
+        header = proxy_header(member.spec.send_proxy, conn.sock, conn.addr)
+        conn.header = len(header)
+        cfg = snap.config.server
+        if isinstance(upstream, TlsStream):  # re-encrypted: copy through its SSL object
+            self._relay_blocking(conn, header + initial, cfg)
+            return False
+        conn.relay = relay = Relay(
+            conn.sock, upstream, idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size,
+            copy_first=True, on_done=conn.relayed, client_reader=conn.reader,
+            upstream_writer=writer)
+        conn.upstream = conn.reader = None  # the relay owns them now
+        self.relays.add(conn)
+        relay.start(header + initial if header else initial)
+        return True
+
+    def _relay_blocking(self, conn: ConnStats, initial_up: bytes, cfg) -> None:
+        client = self._blocking_style(conn)
+        result = relay_streams(client, conn.upstream, initial_up=initial_up,
+                               idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size)
+        conn.up = max(0, result.bytes_up - conn.header)  # the header is ours
+        conn.down, conn.end = result.bytes_down, result.end
+        if result.end == "reset":
+            self.metrics.errors_total.labels("reset").inc()
+
+    @staticmethod
+    def _blocking_style(conn: ConnStats):
+        """The client as a gevent socket, for code written against blocking sockets."""
+        if conn.reader is not None:  # a watcher must not outlive its fd's owner
+            WATCHERS.give(conn.reader)
+            conn.reader = None
+        raw = conn.sock
+        conn.sock = gsocket.socket(raw.family, socket.SOCK_STREAM, fileno=raw.detach())
+        return conn.sock
+
+    # peeking at the ClientHello ------------------------------------------------------------
+    def _peek_hello(self, conn: ConnStats, timeout: float):
+        """The peeked bytes, with SNI and ALPN noted on `conn`; None if the client reset."""
+        try:
+            initial, hello = self._peek(conn, timeout)
+        except OSError:  # reset (or vanished) before its ClientHello ended
+            conn.end = "reset"
+            self.metrics.errors_total.labels("reset").inc()
+            return None
+        if hello is not None:
+            conn.sni, conn.alpn = hello.sni, hello.alpn
+        return initial
+
+    def _peek(self, conn: ConnStats, timeout: float):
+        """Read until the ClientHello is complete, clearly not TLS, or time is up.
+
+        The first read is tried at once (the bytes usually came with the connection):
+        no watcher or timer is armed unless it finds nothing.
+        """
+        try:
+            got = conn.sock.recv_into(_PEEK_VIEW)
+        except BlockingIOError:
+            return self._peek_slowly(conn, timeout, ClientHelloParser(PEEK_MAX), bytearray())
+        if not got:
+            return b"", None
+        data = bytes(_PEEK_VIEW[:got])
+        if data[0] != _TLS_HANDSHAKE:  # the parser's own first test: not TLS
+            return data, None
+        parser = ClientHelloParser(PEEK_MAX)
+        result = parser.feed(data)
+        if isinstance(result, NeedMore):
+            return self._peek_slowly(conn, timeout, parser, bytearray(data))
+        return data, self._verdict(result)
+
+    def _peek_slowly(self, conn: ConnStats, timeout: float, parser, buf: bytearray):
+        deadline = conn.start + timeout
+        sock, reader = conn.sock, conn.reader_watcher()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not wait_ready(reader, remaining, self.loop):
+                self.metrics.errors_total.labels("client_hello_timeout").inc()
+                return bytes(buf), None
+            try:
+                got = sock.recv_into(_PEEK_VIEW[:PEEK_MAX - len(buf)])
+            except BlockingIOError:
+                continue
+            if not got:
+                if buf:  # EOF in the middle of what looked like a ClientHello
+                    self._bad_hello("the client closed after %d bytes" % len(buf))
+                return bytes(buf), None
+            data = bytes(_PEEK_VIEW[:got])
+            buf += data
+            result = parser.feed(data)
+            if not isinstance(result, NeedMore):
+                return bytes(buf), self._verdict(result)
+
+    def _verdict(self, result) -> ClientHello | None:
+        if isinstance(result, ClientHello):
+            return result
+        if isinstance(result, Malformed):
+            self._bad_hello(result.reason)
+        return None  # NotTLS: route as plain TCP
+
+    def _bad_hello(self, reason: str) -> None:
+        self.metrics.errors_total.labels("bad_client_hello").inc()
+        log_once_per("bad-client-hello", 10.0,
+                     "malformed ClientHello, routed without SNI: %s", reason)
+
+    # the end -------------------------------------------------------------------------------
+    def finish(self, conn: ConnStats) -> None:
+        """Count the connection's end, queue its access-log line, free its slot."""
+        try:
+            member = conn.member
+            if member is not None:
+                member.active -= 1
+                member.connections.discard(conn)
+            duration = time.monotonic() - conn.start
+            end = conn.end
             self._m_active.dec()
-            self._finish(addr, stats)
+            ended = self._m_ends.get(end)
+            if ended is None:
+                ended = self._m_ends[end] = self.metrics.batch.cell(
+                    self.metrics.requests_total, "tcp", end)
+            ended.inc()
+            if conn.up:
+                self._m_up.inc(conn.up)
+            if conn.down:
+                self._m_down.inc(conn.down)
+            self._m_duration.observe(duration)
+            if ACCESS_LINES.enabled():  # queued: written after the metrics are pushed
+                ACCESS_LINES.tcp_line(time.time(), host_port(conn.addr), self._listener_json,
+                                      conn.sni, self._text(conn.rule),
+                                      self._text(conn.backend), conn.up, conn.down,
+                                      duration, end)
+                self.metrics.batch.touch()
+        finally:
+            self.acceptor.finished()
+
+    def _conn_info(self, src: str, sni: str | None, alpn: tuple) -> ConnInfo:
+        """The routing facts of a connection; equal facts share one (frozen) object,
+        made once per client address (and ClientHello), not once per connection."""
+        key = src if sni is None and not alpn else (src, sni, alpn)
+        info = self._infos.get(key)
+        if info is None:
+            if len(self._infos) >= _INFO_CACHE_MAX:
+                self._infos.clear()
+            info = self._infos[key] = ConnInfo("tcp", src, self.port, sni, alpn)
+        return info
+
+    def _text(self, value: str | None) -> str:
+        """JSON text of a rule location or backend name, encoded once per value."""
+        text = self._json.get(value)
+        if text is None:
+            if len(self._json) >= _JSON_CACHE_MAX:
+                self._json.clear()
+            text = self._json[value] = json_text(value)
+        return text
 
     def _limit_reached(self) -> None:
-        self._m_full.inc()
+        self.metrics.errors_total.labels("max_connections").inc()
         log_once_per(f"max-connections-{self.name}", 10.0,
                      "%s: %d connections open, the most it takes at once "
                      "(server.max_connections, or what the file descriptor limit allows): "
@@ -113,120 +371,12 @@ class TcpProxy:
                      self.max_connections)
 
     def _out_of_fds(self, exc: OSError, pause: float) -> None:
-        self._m_fds.inc()
+        self.metrics.errors_total.labels("fd_limit").inc()
         log_once_per(f"fd-limit-{self.name}", 10.0,
                      "%s: cannot accept: %s; pausing accepts for %.2fs (new connections wait "
                      "in the listen backlog). Raise the file descriptor limit (ulimit -n, "
                      "systemd LimitNOFILE=) or lower server.max_connections",
                      self.name, exc.strerror or exc, pause)
-
-    # the connection, step by step ---------------------------------------------------
-    def _serve(self, client: socket.socket, addr, stats: ConnStats) -> None:
-        snap = self.serving.current  # this connection keeps this snapshot throughout
-        initial = b""
-        if snap.needs_peek:
-            initial = self._peek_hello(client, snap.config.server.timeouts.client_hello, stats)
-            if initial is None:
-                return
-        conn = ConnInfo("tcp", addr[0], self.port, stats.sni, stats.alpn)
-        decision = route(snap, conn, self.metrics)
-        if decision.rule is not None:
-            stats.rule = decision.rule.where
-        if decision.rejects:
-            stats.end = "rejected"
-            return
-        if decision.terminate is not None and snap.tls is not None:
-            from dynproxy.net.terminate import serve_terminated
-
-            serve_terminated(self, snap, client, addr, conn, decision, initial, stats)
-            return
-        self._forward(snap, client, addr, conn, decision, initial, stats)
-
-    def _forward(self, snap, client, addr, conn, decision: Decision, initial, stats) -> None:
-        cfg = snap.config.server
-        try:
-            member, upstream = dial(snap, decision, conn, self.metrics)
-        except DialFailed as failed:
-            stats.end, stats.backend = failed.end, failed.backend
-            return
-        stats.backend = member.id
-        try:
-            header = proxy_header(member.spec.send_proxy, client, addr)
-            # a backend declared with `tls` is re-encrypted: copy through its SSL object
-            pump = relay_streams if isinstance(upstream, TlsStream) else relay
-            result = pump(client, upstream, initial_up=header + initial,
-                          idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size)
-            # the header is ours, not the client's (and may not have gone out whole)
-            stats.up = max(0, result.bytes_up - len(header))
-            stats.down, stats.end = result.bytes_down, result.end
-            if result.end == "reset":
-                self.metrics.errors_total.labels("reset").inc()
-        finally:
-            member.active -= 1
-            upstream.close()
-
-    def _peek_hello(self, client: socket.socket, timeout: float, stats: ConnStats):
-        """The peeked bytes, with SNI and ALPN noted in `stats`; None if the client reset."""
-        try:
-            initial, hello = self._peek(client, timeout)
-        except OSError:  # reset (or vanished) before its ClientHello ended
-            stats.end = "reset"
-            self.metrics.errors_total.labels("reset").inc()
-            return None
-        if hello is not None:
-            stats.sni, stats.alpn = hello.sni, hello.alpn
-        return initial
-
-    def _peek(self, client: socket.socket, timeout: float):
-        """Read until the ClientHello is complete, clearly not TLS, or time is up."""
-        parser = ClientHelloParser(PEEK_MAX)
-        buf = bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.metrics.errors_total.labels("client_hello_timeout").inc()
-                break
-            client.settimeout(remaining)
-            try:
-                data = client.recv(PEEK_MAX - len(buf))
-            except socket.timeout:
-                self.metrics.errors_total.labels("client_hello_timeout").inc()
-                break
-            if not data:
-                if buf:  # EOF in the middle of what looked like a ClientHello
-                    self._bad_hello("the client closed after %d bytes" % len(buf))
-                break
-            buf += data
-            result = parser.feed(data)
-            if isinstance(result, ClientHello):
-                client.settimeout(None)
-                return bytes(buf), result
-            if isinstance(result, Malformed):
-                self._bad_hello(result.reason)
-                break
-            if not isinstance(result, NeedMore):
-                break  # NotTLS: route as plain TCP
-        client.settimeout(None)
-        return bytes(buf), None
-
-    def _bad_hello(self, reason: str) -> None:
-        self.metrics.errors_total.labels("bad_client_hello").inc()
-        log_once_per("bad-client-hello", 10.0,
-                     "malformed ClientHello, routed without SNI: %s", reason)
-
-    def _finish(self, addr, stats: ConnStats) -> None:
-        m = self.metrics
-        duration = time.monotonic() - stats.start
-        m.requests_total.labels("tcp", stats.end).inc()
-        if stats.up:
-            m.bytes_transferred_total.labels("up", "tcp").inc(stats.up)
-        if stats.down:
-            m.bytes_transferred_total.labels("down", "tcp").inc(stats.down)
-        m.request_duration_seconds.labels("tcp").observe(duration)
-        access_log(client=host_port(addr), listener=self.name, proto="tcp",
-                   sni=stats.sni, rule=stats.rule, backend=stats.backend, bytes_up=stats.up,
-                   bytes_down=stats.down, duration_ms=round(duration * 1000, 3), end=stats.end)
 
 
 def host_port(addr) -> str:
@@ -235,112 +385,8 @@ def host_port(addr) -> str:
     return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
-def proxy_header(version: str | None, client: socket.socket, addr) -> bytes:
+def proxy_header(version: str | None, client, addr) -> bytes:
     if version is None:
         return b""
     dst = client.getsockname()
     return encode_v1(addr, dst) if version == "v1" else encode_v2(addr, dst)
-
-
-class _Listener(StreamServer):
-    """gevent's StreamServer, except that an accept failing for lack of file descriptors
-    pauses accepting with backoff and calls `on_exhausted(exc, pause)`, instead of
-    printing a traceback per attempt. A connection ending resumes accepting at once
-    (gevent relinks the pool's semaphore), since it just freed descriptors.
-    """
-
-    def __init__(self, sock: socket.socket, handle, pool: Pool, on_exhausted):
-        super().__init__(sock, handle, spawn=pool)
-        self._on_exhausted = on_exhausted
-
-    def do_read(self):
-        try:
-            return super().do_read()
-        except OSError as exc:
-            if exc.errno not in _FD_ERRNOS:
-                raise
-            pause = self.delay
-            self._on_exhausted(exc, pause)
-            # What gevent does after a failed accept (its `_timer` is cleared by
-            # stop_accepting and close), minus the traceback: retry after `pause`.
-            self.stop_accepting()
-            self._timer = self.loop.timer(pause)
-            self._timer.start(self._start_accepting_if_started)
-            self.delay = min(self.max_delay, pause * 2)
-            return None
-
-
-def connection_budget(wanted: int, name: str) -> int:
-    """How many connections at once the file descriptor limit allows, at most `wanted`.
-
-    The soft limit is first raised toward the hard one as far as `wanted` needs (as
-    HAProxy does); when even that is short, a warning says so once per listener and the
-    pool is sized to fit, so extra clients wait in the backlog instead of failing.
-    """
-    used = _open_fds()
-    needed = used + FD_RESERVE + (FDS_PER_TWO_CONNECTIONS * wanted + 1) // 2
-    soft = _raise_soft_limit(needed)
-    if soft >= needed:
-        return wanted
-    budget = max(1, 2 * (soft - used - FD_RESERVE) // FDS_PER_TWO_CONNECTIONS)
-    log.warning("%s: the file descriptor limit (RLIMIT_NOFILE %d) allows about %d "
-                "connections at once, not server.max_connections %d; more wait in the "
-                "listen backlog. Raise it (ulimit -n, systemd LimitNOFILE=)",
-                name, soft, budget, wanted)
-    return budget
-
-
-def _raise_soft_limit(needed: int) -> int:
-    """The soft RLIMIT_NOFILE, raised to `needed` if below it and the hard limit allows
-    (up to the hard limit otherwise); unlimited counts as plenty."""
-    soft, hard = (_finite(v) for v in resource.getrlimit(resource.RLIMIT_NOFILE))
-    if soft < needed:
-        raised = min(hard, needed)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, resource.getrlimit(
-                resource.RLIMIT_NOFILE)[1]))
-            soft = raised
-        except (OSError, ValueError):
-            pass
-    return soft
-
-
-def _finite(limit: int) -> int:
-    return sys.maxsize if limit == resource.RLIM_INFINITY else limit
-
-
-def _open_fds() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # no /proc: assume a typical worker
-        return 32
-
-
-def open_tcp_listener(host: str, port: int, backlog: int, reuse_port: bool) -> socket.socket:
-    """A bound, listening socket; IPv6 literals get an AF_INET6 socket (v6 only)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host or "0.0.0.0", port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise BindError("tcp", host, port, exc) from None
-    return sock
-
-
-class BindError(Exception):
-    """A listener could not be opened: says which address and why."""
-
-    def __init__(self, proto: str, host: str, port: int, exc: OSError):
-        what = {errno.EADDRINUSE: "the port is already in use",
-                errno.EACCES: "permission denied (ports below 1024 need privileges)",
-                errno.EADDRNOTAVAIL: "no such local address"}.get(exc.errno, str(exc))
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        super().__init__(f"cannot listen on {proto} {shown}: {what}")
-        self.proto, self.host, self.port, self.errno = proto, host, port, exc.errno

@@ -120,7 +120,7 @@ class Server:
         self.metrics.config_generation.set(snapshot.generation)
 
     def _retire_dropped(self, snapshot: Snapshot) -> None:
-        self.retired_tcp = [p for p in self.retired_tcp if len(p.pool)]
+        self.retired_tcp = [p for p in self.retired_tcp if p.connections]
         cfg = snapshot.config.server
         keep_tcp = {("tcp", b.host, b.port) for b in cfg.tcp_bind}
         keep_udp = {("udp", lst.bind.host, lst.bind.port) for lst in cfg.udp_bind}
@@ -129,7 +129,7 @@ class Server:
             proxy.stop_accepting()
             self.retired_tcp.append(proxy)
             log.info("listener %s closed; its %d connection(s) finish", proxy.name,
-                     len(proxy.pool))
+                     proxy.connections)
         for key in [k for k in self.udp if k not in keep_udp]:
             proxy = self.udp.pop(key)
             proxy.stop_accepting()
@@ -145,7 +145,7 @@ class Server:
     def open_connections(self) -> int:
         """TCP connections still open. UDP sessions are not waited for: a session has
         no end but silence, so they keep relaying during the drain and close with it."""
-        return sum(len(p.pool) for p in [*self.tcp.values(), *self.retired_tcp])
+        return sum(p.connections for p in [*self.tcp.values(), *self.retired_tcp])
 
     def drain(self, timeout: float, interrupted: Callable[[], bool]) -> None:
         """Stop accepting now; let connections finish up to `timeout` seconds or until

@@ -215,12 +215,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("DP_PROFILE"):  # TEMPORARY profiling hook (remove)
-        import cProfile
-        prof = cProfile.Profile()
-        try:
-            rc = prof.runcall(main)
-        finally:
-            prof.dump_stats(os.environ["DP_PROFILE"] + f".{os.getpid()}")
-        sys.exit(rc)
     sys.exit(main())
