@@ -1,4 +1,4 @@
-"""Connecting to a backend: pick a member, connect within the connect budget, try
+"""Connecting to a backend: pick a member, connect within the connect timeout, try
 the next member on failure, and report passive health.
 
 `dial_raw` is the TCP hot path: a plain non-blocking `_socket.socket` (SOCK_NONBLOCK,
@@ -67,7 +67,9 @@ def dial_raw(snap, decision: Decision, conn: ConnInfo, metrics, hashed=_UNKNOWN)
     connect waited on (from WATCHERS): the caller owns it (the relay reuses it).
     `hashed`: what hash_source(decision, topology) said, when the caller keeps it."""
     topo = snap.topology
-    deadline = time.monotonic() + snap.config.server.timeouts.connect
+    # Each member gets the whole connect timeout (as HAProxy's `timeout connect` per
+    # retry): one blackholed member must not eat the time a healthy one needs.
+    per_attempt = snap.config.server.timeouts.connect
     if hashed is _UNKNOWN:
         hashed = hash_source(decision, topo)
     hash_key = None if hashed is None else conn.src if hashed == "src" else conn.sni
@@ -78,13 +80,10 @@ def dial_raw(snap, decision: Decision, conn: ConnInfo, metrics, hashed=_UNKNOWN)
         if member is None:
             break
         tried.append(member.id)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
         last = member
         member.active += 1
         try:
-            connected = _connect(member, remaining, metrics)
+            connected = _connect(member, per_attempt, metrics)
         except BaseException:  # a kill while connecting: the count must not leak
             member.active -= 1
             raise

@@ -228,3 +228,31 @@ def test_all_members_dead_ends_connect_failed_and_the_client_is_closed(site):
     line = site.line_of(client)
     assert (line["backend"], line["end"], line["bytes_up"]) == ("dead2", "connect_failed", 0)
     assert p.metric("proxy_requests_total", proto="tcp", result="connect_failed") == before + 1
+
+
+def test_a_blackholed_member_times_out_and_the_next_member_serves(proxy, backends,
+                                                                    proxy_config):
+    # A member that never completes the handshake (a full backlog) gets the connect
+    # timeout, then the next member is tried: the client is served, not failed.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # fill the accept queue so further SYNs go unanswered
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    a = backends("a")
+    p = proxy(f"backend hole 127.0.0.1:{port}\nbackend a {a.address}\n"
+              "pool p { member hole weight 5\n member a weight 1 }\ndefault -> forward(p)\n",
+              config=proxy_config(connect="300ms"))
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=5) as c:
+                assert c.makefile("rb").readline() == b"backend=a\n"
+    finally:
+        for s in fillers:
+            s.close()
+        hole.close()
