@@ -77,7 +77,7 @@ class Relay:
     went through (`result` makes a RelayResult of them). `client_reader` and
     `upstream_writer` are watchers the caller already made for those sockets (from
     WATCHERS; the relay gives them back). `copy_first`: copy with recv/send until a read
-    fills the buffer or BULK_BYTES moved, then splice: a short exchange needs no pipe.
+    fills the buffer or brings BULK_READ bytes, then splice: small messages need no pipe.
     """
 
     __slots__ = ("up", "down", "client", "upstream", "clock", "on_done", "first", "end",
@@ -85,8 +85,9 @@ class Relay:
 
     def __init__(self, client, upstream, *, idle_timeout: float | None, buffer_size: int,
                  use_splice: bool = True, copy_first: bool = False, on_done=None,
-                 client_reader=None, upstream_writer=None) -> None:
-        loop = get_hub().loop
+                 client_reader=None, upstream_writer=None, loop=None) -> None:
+        if loop is None:
+            loop = get_hub().loop
         splice = _SPLICE if use_splice else None
         flow_type = SpliceFlow if splice is not None and not copy_first else CopyFlow
         event = self._event  # one bound method for every watcher of this relay

@@ -26,9 +26,10 @@ READ, WRITE = 1, 2  # libev event masks
 # A read that fills the whole chunk means more is waiting: read again at once rather
 # than after another trip through the event loop, a few times before letting others run.
 _READS_PER_WAKEUP = 4
-# A copy-first flow turns to splice once it has moved this much: past a request or a
-# small response, copying through Python costs more than splicing.
-BULK_BYTES = 32768
+# A copy-first flow turns to splice at a read this large (or one that fills its buffer):
+# messages of a few KiB (requests, small replies, keep-alive traffic) cost less copied
+# than spliced through a pipe; a stream that has this much waiting is bulk.
+BULK_READ = 16384
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
 
 
@@ -238,7 +239,8 @@ class CopyFlow(Flow):
     flow holds a buffer only under backpressure, and a short exchange takes none).
 
     With a splice function (a relay that copies first), a read that fills the whole
-    buffer, or BULK_BYTES moved, means bulk: the flow turns into a SpliceFlow.
+    buffer, or brings BULK_READ bytes at once, means bulk: the flow turns into a
+    SpliceFlow.
     """
 
     __slots__ = ()
@@ -246,30 +248,49 @@ class CopyFlow(Flow):
     def on_readable(self) -> None:
         size = self.size
         scratch = _SCRATCH.get(size) or _scratch(size)
-        bulk = False
-        for _ in range(_READS_PER_WAKEUP):
+        try:
+            got = self.src.recv_into(scratch)
+        except BlockingIOError:
+            return  # spurious wakeup
+        except OSError as exc:
+            raise Broken.from_error(exc, self.side) from None
+        if not got:
+            return self._finish()
+        if got < BULK_READ and got < size:  # a message (the usual case): pass it on
+            left = self._send(scratch[:got])
+            if left is not None:
+                self._keep(left)
+            return
+        self._bulk(scratch, got)
+
+    def _bulk(self, scratch: memoryview, got: int) -> None:
+        """A big read: pass it on, read on a few times, then turn to splice."""
+        size = self.size
+        reads = 1
+        while True:
+            left = self._send(scratch if got == size else scratch[:got])
+            if left is not None:
+                return self._keep(left)
+            if got < size or reads == _READS_PER_WAKEUP:
+                break
             try:
                 got = self.src.recv_into(scratch)
             except BlockingIOError:
-                break  # spurious wakeup, or drained
+                break  # drained
             except OSError as exc:
                 raise Broken.from_error(exc, self.side) from None
             if not got:
-                self._finish()
-                break
-            if got < size:
-                left = self._send(scratch[:got])
-            else:
-                left, bulk = self._send(scratch), True
-            if left is not None:  # dst is full: keep the rest (the scratch is shared)
-                view = self.view = BUFFERS.take(size)
-                view[:len(left)] = left
-                self.out = view[:len(left)]
-                return self._wait_writable()
-            if got < size:
-                break
-        if self.splice is not None and (bulk or self.moved >= BULK_BYTES):
+                return self._finish()
+            reads += 1
+        if self.splice is not None:
             self.__class__ = SpliceFlow
+
+    def _keep(self, left: memoryview) -> None:
+        """dst is full: copy what it did not take out of the shared scratch, and wait."""
+        view = self.view = BUFFERS.take(self.size)
+        view[:len(left)] = left
+        self.out = view[:len(left)]
+        self._wait_writable()
 
     def on_writable(self) -> None:
         if self.head is not None and not self._send_head():

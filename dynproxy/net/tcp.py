@@ -219,7 +219,7 @@ class TcpProxy:
         conn.relay = relay = Relay(
             conn.sock, upstream, idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size,
             copy_first=True, on_done=conn.relayed, client_reader=conn.reader,
-            upstream_writer=writer)
+            upstream_writer=writer, loop=self.loop)
         conn.upstream = conn.reader = None  # the relay owns them now
         self.relays.add(conn)
         relay.start(header + initial if header else initial)

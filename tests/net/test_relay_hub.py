@@ -14,7 +14,7 @@ from gevent.hub import get_hub
 
 from dynproxy.net import relay as relay_mod
 from dynproxy.net.relay import PIPES, WATCHERS, Relay
-from dynproxy.net.relay_flows import BULK_BYTES, CopyFlow, SpliceFlow
+from dynproxy.net.relay_flows import BULK_READ, CopyFlow, SpliceFlow
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -84,21 +84,22 @@ def test_abort_closes_both_sockets_without_calling_on_done():
     ends.close()
 
 
-def test_copy_first_needs_no_pipe_for_a_short_exchange_and_splices_bulk():
+def test_copy_first_needs_no_pipe_for_small_messages_and_splices_bulk():
     ends = Ends()
     created, lent = PIPES.created, PIPES.lent
     job = ends.relay(copy_first=True)
-    ends.client.sendall(b"GET / HTTP/1.1\r\n\r\n")
-    assert ends.server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+    for _ in range(50):  # keep-alive traffic: many small messages, never bulk
+        ends.client.sendall(b"GET / HTTP/1.1\r\n" + b"x" * 1000 + b"\r\n\r\n")
+        assert len(ends.server.recv(2000)) == 1020
     gevent.sleep(0.01)
     assert type(job.up) is CopyFlow and PIPES.created == created and PIPES.lent == lent
-    bulk = os.urandom(4 * BULK_BYTES)
+    bulk = os.urandom(8 * BULK_READ)
     gevent.spawn(ends.server.sendall, bulk)
     got = bytearray()
     while len(got) < len(bulk):
         got += ends.client.recv(1 << 20)
     assert bytes(got) == bulk
-    assert type(job.down) is SpliceFlow  # past BULK_BYTES the flow splices
+    assert type(job.down) is SpliceFlow  # a read of BULK_READ bytes: the flow splices
     ends.client.close()
     ends.server.close()
     gevent.sleep(0.05)
