@@ -169,6 +169,31 @@ def label(target: Target, variant: str) -> str:
 
 def measured_cpu(target: Target, fn: Callable[[], object]) -> tuple[object, float]:
     """(what fn returns, the CPU seconds the target's processes used meanwhile)."""
+    out, cpu, _ = measured(target, fn)
+    return out, cpu
+
+
+def measured(target: Target, fn: Callable[[], object]) -> tuple[object, float, float | None]:
+    """measured_cpu, plus how busy the whole machine was meanwhile (0-1, all CPUs:
+    proxy, load generator, backend and anything else), to tell a proxy that has CPU
+    left from a machine that has none."""
+    machine = _machine_ticks()
     before = target.cpu()
     out = fn()
-    return out, target.cpu() - before
+    cpu = target.cpu() - before
+    after = _machine_ticks()
+    busy = None
+    if machine is not None and after is not None and after[0] > machine[0]:
+        busy = 1 - (after[1] - machine[1]) / (after[0] - machine[0])
+    return out, cpu, busy
+
+
+def _machine_ticks() -> tuple[int, int] | None:
+    """(all ticks, idle ticks) of every CPU since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]), idle  # guest time is already in user

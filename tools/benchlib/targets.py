@@ -81,7 +81,9 @@ def _scaling(ctx: Context) -> list[str] | None:
         return None
     one, two = (b.median("dynproxy", w, "rate", "close") for w in (1, 2))
     vs = two / one if one and two else None
-    return ["short conn/s, 2 workers >= 1.3x 1 worker", "2 vs 1", ratio(vs),
+    busy = b.median("dynproxy", 1, "busy", "close")
+    shown = ratio(vs) if busy is None else f"{ratio(vs)} (machine {busy:.0%} busy at 1)"
+    return ["short conn/s, 2 workers >= 1.3x 1 worker", "2 vs 1", shown,
             _verdict(_at_least(vs, 1.3))]
 
 

@@ -16,6 +16,7 @@ from benchlib.report import Bar, Section, Table, num, ratio, span, workers_cell
 from benchlib.runner import (
     Context,
     Results,
+    measured,
     measured_cpu,
     plain_starters,
     rounds,
@@ -108,12 +109,12 @@ def _bulk_row(table: Table, section: Section, results: Results, name: str, worke
 def _wrk_measure(close: bool, seconds: float):
     def measure(target: Target, variant: str) -> dict:
         single = variant == "1 connection"
-        run, cpu = measured_cpu(target, lambda: loads.wrk(
+        run, cpu, busy = measured(target, lambda: loads.wrk(
             target.tcp_port, seconds, threads=1 if single else WRK_THREADS,
             connections=1 if single else WRK_CONNECTIONS, close=close))
         per = cpu * 1e6 / run.requests if target.proc and run.requests else None
         return {"rate": run.rate, "p50": run.p50_us, "p99": run.p99_us,
-                "errors": run.errors, "cpu_us": per}
+                "errors": run.errors, "cpu_us": per, "busy": busy}
     return measure
 
 
@@ -158,7 +159,7 @@ def keepalive(ctx: Context) -> Section:
 def _rate_table(ctx: Context, results: Results, variant: str, title: str, unit: str,
                 cpu_label: str) -> Table:
     table = Table(title, ["target", "workers", unit, "min-max", "p50 ms", "p99 ms",
-                          "errors", cpu_label, "x HAProxy", "x direct"])
+                          "errors", cpu_label, "machine busy", "x HAProxy", "x direct"])
     for workers in ctx.workers:
         for name in ["direct", *PROXIES] if workers == ctx.workers[0] else PROXIES:
             shown = None if name == "direct" else workers
@@ -168,9 +169,17 @@ def _rate_table(ctx: Context, results: Results, variant: str, title: str, unit: 
                 name, workers_cell(shown), num(s.median("rate")), span(s.span("rate")),
                 num(p50 / 1e3 if p50 else None, 2), num(p99 / 1e3 if p99 else None, 2),
                 num(sum(s.values("errors"))), num(s.median("cpu_us"), 1),
+                _percent(s.median("busy")),
                 ratio(results.ratio(name, "haproxy", workers, "rate", variant)),
                 ratio(results.ratio(name, "direct", workers, "rate", variant))])
+    table.notes.append("machine busy: the share of all the machine's CPUs in use during "
+                       "the run (proxy, wrk, backend, anything else), from /proc/stat; "
+                       "near 100% the machine, not the proxy, sets the rate.")
     return table
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
 
 
 def _rate_extras(ctx: Context, results: Results, section: Section, variant: str,
