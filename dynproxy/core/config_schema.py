@@ -208,7 +208,11 @@ class Health:
     default_fall: int = setting(3, Integer(1, 100), "consecutive failed checks that mark "
                                 "a member down")
     passive_fall: int = setting(3, Integer(0, 100), "consecutive failures in live traffic "
-                                "that mark a member down; 0 disables")
+                                "(a connect refused or timed out, a UDP port unreachable) "
+                                "that mark a member down in the worker that saw them, "
+                                "apart from the active checks' rise/fall; a success in "
+                                "live traffic resets the count; 0: traffic never marks a "
+                                "member down, it only reports")
 
 
 @dataclass(frozen=True, slots=True)

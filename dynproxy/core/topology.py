@@ -60,7 +60,18 @@ class Member:
         return len(closers)
 
     def record(self, ok: bool, reason: str = "") -> Transition | None:
+        """An active check's result (rise/fall hysteresis)."""
         transition = self.health.record(ok, reason)
+        if not ok and not self.health.up:
+            self.retry_at = time.monotonic() + self.PASSIVE_RETRY
+        return transition
+
+    def record_passive(self, ok: bool, passive_fall: int, reason: str = "") -> Transition | None:
+        """A result seen by live traffic (`health.passive_fall`; see
+        HealthState.record_passive). A success brings back a member that no active check
+        owns; one that active checks own comes back when they say so."""
+        transition = self.health.record_passive(ok, passive_fall, reason,
+                                                may_rise=not self.actively_checked)
         if not ok and not self.health.up:
             self.retry_at = time.monotonic() + self.PASSIVE_RETRY
         return transition

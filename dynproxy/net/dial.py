@@ -1,5 +1,8 @@
 """Connecting to a backend: pick a member, connect within the connect timeout, try
-the next member on failure, and report passive health.
+the next member on failure, and report passive health (`health.passive_fall`
+consecutive failures in live traffic mark a member down in this worker). A socket
+that cannot be made for lack of descriptors or memory is the proxy's shortage, not
+the member's: the connection ends "fd_limit" and no health is touched (`new_socket`).
 
 `dial_raw` is the TCP hot path: a plain non-blocking `_socket.socket` (SOCK_NONBLOCK,
 so no fcntl/ioctl), one connect(2), one wait for writability (a libev watcher and a
@@ -41,6 +44,9 @@ _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _CONNECTING = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY})
 _NOBODY: frozenset[str] = frozenset()
 _UNKNOWN = object()  # dial_raw's `hashed` when the caller did not work it out
+# socket() failing with these is the proxy's shortage, not the backend's (as accept's)
+FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+FD_LIMIT_REASON = "fd_limit_upstream"  # proxy_errors_total{reason}: accept's is "fd_limit"
 
 
 class DialFailed(Exception):
@@ -65,7 +71,8 @@ def dial_raw(snap, decision: Decision, conn: ConnInfo, metrics, hashed=_UNKNOWN)
     DialFailed. The socket is a non-blocking `_socket.socket` (a TlsStream for a backend
     declared with `tls`); the watcher, when not None, is the libev write watcher the
     connect waited on (from WATCHERS): the caller owns it (the relay reuses it).
-    `hashed`: what hash_source(decision, topology) said, when the caller keeps it."""
+    `hashed`: what hash_source(decision, topology) said, when the caller keeps it.
+    DialFailed("fd_limit") at once when no socket can be made (see new_socket)."""
     topo = snap.topology
     # Each member gets the whole connect timeout (as HAProxy's `timeout connect` per
     # retry): one blackholed member must not eat the time a healthy one needs.
@@ -84,15 +91,15 @@ def dial_raw(snap, decision: Decision, conn: ConnInfo, metrics, hashed=_UNKNOWN)
         member.active += 1
         try:
             connected = _connect(member, per_attempt, metrics)
-        except BaseException:  # a kill while connecting: the count must not leak
+        except BaseException:  # a kill, or no socket (fd_limit): the count must not leak
             member.active -= 1
             raise
-        if connected is not None:
-            if member.health.consecutive or not member.health.up:
+        if type(connected) is tuple:
+            if member.health.passive_failures or not member.health.up:
                 _passive_success(topo, member, metrics)
             return member, *connected
         member.active -= 1
-        _passive_failure(topo, member, metrics)
+        _passive_failure(snap, member, metrics, connected)
     if last is None:
         metrics.errors_total.labels("no_backend").inc()
         raise DialFailed("no_backend", None)
@@ -126,14 +133,15 @@ def hash_source(decision: Decision, topo) -> str | None:
 
 
 def _connect(member: Member, timeout: float, metrics):
-    """(socket, write watcher or None) connected within `timeout`; None when it fails
-    (counted, logged once per interval)."""
+    """(socket, write watcher or None) connected within `timeout`; when it fails, why
+    (a str: counted, logged once per interval). DialFailed("fd_limit") when this
+    process cannot make a socket at all: no member could be tried."""
     spec = member.spec
     started = time.monotonic()
     writer = None
     try:
         family, sockaddr = resolve(spec.host, spec.port)
-        sock = _socket.socket(family, _NONBLOCKING_STREAM)
+        sock = new_socket(family, _NONBLOCKING_STREAM, "tcp", metrics)
         try:
             writer = _connect_within(sock, sockaddr, timeout)
         except BaseException:
@@ -144,7 +152,7 @@ def _connect(member: Member, timeout: float, metrics):
         metrics.errors_total.labels("connect_failed").inc()
         log_once_per(f"connect-{member.id}", 10.0, "connect to %s (%s) failed: %s",
                      member.id, spec.address, reason)
-        return None
+        return reason
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if spec.tls is not None:  # re-encrypt: a TlsStream, verified, or the next member
         if writer is not None:
@@ -154,7 +162,7 @@ def _connect(member: Member, timeout: float, metrics):
                                               fileno=sock.detach()),
                        started + timeout, metrics)
         if sock is None:
-            return None
+            return "TLS handshake failed"
     metrics.batch.cell(metrics.backend_response_time_seconds, member.id).observe(
         time.monotonic() - started)
     return sock, writer
@@ -237,14 +245,36 @@ def resolve(host: str, port: int):
     return family, sockaddr
 
 
-def _passive_failure(topo, member: Member, metrics) -> None:
-    transition = member.record(False, "connect failed")
+def new_socket(family: int, kind: int, proto: str, metrics):
+    """A socket towards a backend. When the process is out of descriptors or socket
+    memory that is no fault of the backend's: DialFailed("fd_limit", None), counted in
+    proxy_errors_total{reason="fd_limit_upstream"} and logged at most once per 10 s,
+    and no member's health is touched. `proto` ("tcp", "udp") is for the log only."""
+    try:
+        return _socket.socket(family, kind)
+    except OSError as exc:
+        if exc.errno not in FD_ERRNOS:
+            raise
+        metrics.errors_total.labels(FD_LIMIT_REASON).inc()
+        log_once_per("fd-limit-upstream", 10.0,
+                     "cannot open a %s socket to a backend: %s; %s (end \"fd_limit\") and no "
+                     "backend's health is touched: this process is out of file descriptors "
+                     "or socket memory, not the backend. Raise the open-files limit "
+                     "(ulimit -n, systemd LimitNOFILE=) or lower server.max_connections "
+                     "(and UDP max_sessions)", proto.upper(), exc.strerror or exc,
+                     "the datagram is dropped" if proto == "udp" else "the connection is closed")
+        raise DialFailed("fd_limit", None) from None
+
+
+def _passive_failure(snap, member: Member, metrics, reason: str) -> None:
+    """A connect failed in live traffic: counts towards `health.passive_fall`."""
+    transition = member.record_passive(False, snap.config.health.passive_fall, reason)
     if transition is not None:
-        report_health(topo, member, metrics)
+        report_health(snap.topology, member, metrics)
 
 
 def _passive_success(topo, member: Member, metrics) -> None:
-    if member.record(True, "connected") is not None:
+    if member.record_passive(True, 0, "connected") is not None:
         report_health(topo, member, metrics)
 
 

@@ -122,9 +122,13 @@ class Relay:
         except Exception as exc:  # noqa: BLE001 - a relay must never take the process down
             self._failed(exc)
 
-    def abort(self, end: str = "closed") -> None:
-        """End it now without calling on_done (a kill, a fast stop)."""
+    def abort(self, end: str = "closed", reset: bool = False) -> None:
+        """End it now without calling on_done (a kill, a fast stop). `reset`: both
+        sockets close with RST, not FIN, so neither peer takes the cut for a clean end."""
         if not self.end:
+            if reset:
+                _abort(self.client)
+                _abort(self.upstream)
             self.on_done = None
             self._end(end, self.first)
 

@@ -4,7 +4,8 @@
 when the source has bytes (or EOF), `on_writable` when the destination, full before,
 drains. A flow moves the bytes with splice(2) through a pooled pipe (SpliceFlow), or
 with recv_into/send through a pooled buffer (CopyFlow), holding either only while
-bytes are in flight.
+bytes are in flight. A splice flow that gets no pipe (the process is out of descriptors)
+copies instead: a connection never fails for want of a pipe.
 
 Must never: block or yield (every socket and pipe call is non-blocking), hold more
 than one pipe or buffer, give back a pipe that still holds bytes, or touch a TLS
@@ -17,7 +18,8 @@ import errno
 import os
 import socket
 
-from dynproxy.net.relay_pools import BUFFERS, PIPES, WATCHERS
+from dynproxy.net.relay_pools import BUFFERS, NO_PIPE_ERRNOS, PIPES, WATCHERS
+from dynproxy.obs.log import log_once_per
 
 __all__ = ["READ", "WRITE", "Broken", "CopyFlow", "Flow", "SpliceFlow"]
 
@@ -168,7 +170,12 @@ class SpliceFlow(Flow):
     def on_readable(self) -> None:
         pipe = self.pipe
         if pipe is None:
-            pipe = self.pipe = PIPES.take(self.size)
+            try:
+                pipe = self.pipe = PIPES.take(self.size)
+            except OSError as exc:
+                if exc.errno not in NO_PIPE_ERRNOS:
+                    raise
+                return self._copy_for_now(exc)
         size = self.size
         for _ in range(_READS_PER_WAKEUP):
             try:
@@ -227,6 +234,17 @@ class SpliceFlow(Flow):
         PIPES.give(self.pipe)
         self.pipe = None
         self.splice = None
+        self.__class__ = CopyFlow
+        self.on_readable()
+
+    def _copy_for_now(self, exc: OSError) -> None:
+        """No pipe to be had (out of descriptors or pipe memory): copy these bytes rather
+        than fail the connection. Unlike EINVAL this passes, so the flow keeps its splice:
+        its next bulk read tries again, most likely with a pipe another flow gave back."""
+        log_once_per("relay-no-pipe", 10.0,
+                     "cannot make a pipe for splice(2): %s; copying instead. Raise the file "
+                     "descriptor limit (ulimit -n, systemd LimitNOFILE=) or lower "
+                     "server.max_connections", exc.strerror or exc)
         self.__class__ = CopyFlow
         self.on_readable()
 

@@ -4,7 +4,9 @@
 A relay borrows one pipe or buffer per direction only while bytes are in flight and
 gives it back as soon as it is empty, so idle connections hold none and a busy process
 needs about as many as it has connections with bytes in flight. Both lists are bounded;
-beyond the bound, returned pipes are closed and buffers dropped.
+beyond the bound, returned pipes are closed and buffers dropped. When no pipe is free and
+the kernel makes none (out of descriptors or pipe memory) `PipePool.take` raises and
+counts it; the relay then copies instead (relay_flows.SpliceFlow).
 
 Watchers: gevent checks every new io watcher's fd with fcntl(F_GETFD) and allocates
 it; a stopped watcher can instead be pointed at another fd (`watcher.fd = fd`, no
@@ -18,16 +20,21 @@ belongs to another loop, or let a forked child share its parent's pipes.
 
 from __future__ import annotations
 
+import errno
 import os
 import posix
 from fcntl import F_SETPIPE_SZ, fcntl
 
-__all__ = ["BUFFERS", "PIPES", "WATCHERS", "BufferPool", "PipePool", "WatcherPool"]
+__all__ = ["BUFFERS", "NO_PIPE_ERRNOS", "PIPES", "WATCHERS", "BufferPool", "PipePool",
+           "WatcherPool"]
 
 _DEFAULT_PIPE_BYTES = 65536  # Linux's default pipe capacity: no fcntl needed up to this
 # gevent's monkey-patched os.close defers every close through a check watcher (fstat,
 # fcntl, an Event) in case the fd has watchers; these pipes never have any: close now.
 _close_fd = posix.close
+# pipe2(2) failing for lack of resources: descriptors (per process, system-wide) or the
+# user's pipe memory; the connection can go on without a pipe.
+NO_PIPE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 class PipePool:
@@ -36,21 +43,26 @@ class PipePool:
     A relay takes a pipe when bytes become readable and gives it back as soon as it is
     empty again, so a process needs about as many pipes as it has connections with bytes
     in flight. A pipe that may hold bytes is discarded (closed), never given back.
+    Creations the kernel refused for lack of resources are counted in `refused`, and
+    `on_refused()` (the TCP path's error counter) is called for each.
     """
 
-    __slots__ = ("limit", "created", "lent", "_free")
+    __slots__ = ("limit", "created", "lent", "refused", "on_refused", "_free")
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = limit
         self.created = 0  # pipes ever created: tests and metrics see the reuse
         self.lent = 0  # pipes currently held by relays
+        self.refused = 0  # creations refused with one of NO_PIPE_ERRNOS
+        self.on_refused = None
         self._free: list[tuple[int, int]] = []
 
     def __len__(self) -> int:
         return len(self._free)
 
     def take(self, size: int) -> tuple[int, int]:
-        """An empty pipe (read_fd, write_fd), reused when one is free."""
+        """An empty pipe (read_fd, write_fd), reused when one is free; OSError (nothing
+        lent) when none is free and the kernel makes none."""
         pipe = self._free.pop() if self._free else self._create(size)
         self.lent += 1
         return pipe
@@ -75,7 +87,14 @@ class PipePool:
             _close_pipe(pipe)
 
     def _create(self, size: int) -> tuple[int, int]:
-        pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in NO_PIPE_ERRNOS:
+                self.refused += 1
+                if self.on_refused is not None:
+                    self.on_refused()
+            raise
         self.created += 1
         if size > _DEFAULT_PIPE_BYTES:
             try:

@@ -14,7 +14,9 @@ Per connection, the hot path allocates and calls as little as it can: raw non-bl
 sockets (no gevent wrapper), one recv attempt into a shared buffer before any timer is
 armed, metrics as plain-number cells pushed at most ten times a second
 (obs/metrics_batch), and the access-log line from one f-string, written in a batch
-right after the metrics it implies (obs/log.ACCESS_LINES).
+right after the metrics it implies (obs/log.ACCESS_LINES). The bytes of open relays
+are read once a second, not per read, so a long-lived stream shows in the byte
+counters while it lasts.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from dynproxy.core.router import ConnInfo
 from dynproxy.net.dial import DialFailed, dial_raw, wait_ready
 from dynproxy.net.relay import Relay
 from dynproxy.net.relay_flows import READ
-from dynproxy.net.relay_pools import WATCHERS
+from dynproxy.net.relay_pools import PIPES, WATCHERS
 from dynproxy.net.routing import route_facts
 from dynproxy.net.state import Serving
 from dynproxy.net.tcp_accept import Acceptor
 from dynproxy.net.tcp_listen import BindError, connection_budget, open_tcp_listener
 from dynproxy.net.tls_stream import TlsStream, relay_streams
 from dynproxy.obs.log import ACCESS_LINES, json_text, log_once_per
+from dynproxy.obs.metrics_batch import Sampler
 
 __all__ = ["BindError", "ConnStats", "TcpProxy", "connection_budget", "host_port",
            "open_tcp_listener", "proxy_header"]
@@ -53,10 +56,12 @@ _INFO_CACHE_MAX = 4096
 
 class ConnStats:
     """One connection: its sockets until the relay owns them, and what the access log
-    and metrics report about it (terminate.py fills in end, backend, up, down)."""
+    and metrics report about it (terminate.py fills in end, backend, up, down).
+    `counted_up`/`counted_down`: bytes already added to the byte counters while open."""
 
     __slots__ = ("proxy", "sock", "addr", "reader", "upstream", "member", "relay", "start",
-                 "sni", "alpn", "rule", "backend", "header", "up", "down", "end")
+                 "sni", "alpn", "rule", "backend", "header", "up", "down", "end",
+                 "counted_up", "counted_down")
 
     def __init__(self, proxy: TcpProxy, sock, addr) -> None:
         self.proxy, self.sock, self.addr = proxy, sock, addr
@@ -64,7 +69,7 @@ class ConnStats:
         self.reader = self.upstream = self.member = self.relay = None
         self.sni = self.rule = self.backend = None
         self.alpn = ()
-        self.header = self.up = self.down = 0
+        self.header = self.up = self.down = self.counted_up = self.counted_down = 0
         self.end = "closed"
 
     def reader_watcher(self):
@@ -134,6 +139,8 @@ class TcpProxy:
         self._m_up = batch.cell(metrics.bytes_transferred_total, "up", "tcp")
         self._m_down = batch.cell(metrics.bytes_transferred_total, "down", "tcp")
         self._m_ends: dict[str, object] = {}  # proxy_requests_total cell by how it ended
+        self._open_bytes = Sampler(self.loop, self._count_open_bytes)
+        PIPES.on_refused = metrics.errors_total.labels("fd_limit").inc  # one per process
 
     @property
     def connections(self) -> int:
@@ -148,12 +155,15 @@ class TcpProxy:
         self.acceptor.close()
 
     def kill_all(self, timeout: float = 1.0) -> None:
-        """End every connection now (a fast stop), then push the metrics and log lines."""
+        """End every connection now (a fast stop, or what outlived the drain), then push
+        the metrics and log lines. Relayed connections are cut with RST (SO_LINGER 0),
+        not FIN, on both sides: a peer must not take a cut stream for a complete one."""
         for conn in list(self.relays):
             relay = conn.relay
             if relay is not None:
-                relay.abort()
+                relay.abort(reset=True)
                 conn.relayed(relay)
+        self._open_bytes.stop()
         self.acceptor.kill_workers(timeout)
         self.metrics.batch.flush()
 
@@ -222,6 +232,7 @@ class TcpProxy:
             upstream_writer=writer, loop=self.loop)
         conn.upstream = conn.reader = None  # the relay owns them now
         self.relays.add(conn)
+        self._open_bytes.wake()
         relay.start(header + initial if header else initial)
         return True
 
@@ -328,10 +339,10 @@ class TcpProxy:
                 ended = self._m_ends[end] = self.metrics.batch.cell(
                     self.metrics.requests_total, "tcp", end)
             ended.inc()
-            if conn.up:
-                self._m_up.inc(conn.up)
-            if conn.down:
-                self._m_down.inc(conn.down)
+            if conn.up > conn.counted_up:  # the rest: the sampler counted the first part
+                self._m_up.inc(conn.up - conn.counted_up)
+            if conn.down > conn.counted_down:
+                self._m_down.inc(conn.down - conn.counted_down)
             self._m_duration.observe(duration)
             if ACCESS_LINES.enabled():  # queued: written after the metrics are pushed
                 ACCESS_LINES.tcp_line(time.time(), host_port(conn.addr), self._listener_json,
@@ -341,6 +352,26 @@ class TcpProxy:
                 self.metrics.batch.touch()
         finally:
             self.acceptor.finished()
+
+    def _count_open_bytes(self) -> bool:
+        """Once a second: add what each open relay moved since the last count to the
+        byte counters (finish() adds the rest). False when no relay is open."""
+        up = down = 0
+        for conn in self.relays:
+            relay = conn.relay
+            moved = relay.up.moved - conn.header  # the PROXY header is ours, sent first
+            if moved > conn.counted_up:
+                up += moved - conn.counted_up
+                conn.counted_up = moved
+            moved = relay.down.moved
+            if moved > conn.counted_down:
+                down += moved - conn.counted_down
+                conn.counted_down = moved
+        if up:
+            self._m_up.inc(up)
+        if down:
+            self._m_down.inc(down)
+        return bool(self.relays)
 
     def _conn_info(self, src: str, sni: str | None, alpn: tuple) -> ConnInfo:
         """The routing facts of a connection; equal facts share one (frozen) object,

@@ -4,10 +4,12 @@ The first datagram from a client address is routed (rules, plugins, balancer) an
 gets a connected upstream socket of its own; later datagrams from that address go to
 it, and everything the upstream sends back goes to the client through the listener
 socket (any number of replies per datagram). A session ends when idle longer than
-the listener's `session_idle`, when the table is full and it is the least recently
-active, when the upstream refuses (ICMP port unreachable: a passive health failure),
-or at shutdown; each end writes one access-log line and adds the session's counts to
-the metrics.
+the listener's `session_idle` (end "idle"), when the table is full and it is the least
+recently active (end "evicted"), when the upstream refuses (ICMP port unreachable: a
+passive health failure), or at shutdown; each end writes one access-log line and adds
+the session's counts to the metrics. A first datagram for which no upstream socket
+can be made (the process is out of descriptors) is dropped with end "fd_limit" and
+touches no member's health.
 
 Per datagram this does one dict lookup and one send, nothing else that allocates:
 counts are plain ints on the session, the clock is read once per batch, and the
@@ -20,7 +22,6 @@ every socket is non-blocking, and a full socket buffer drops the datagram (count
 
 from __future__ import annotations
 
-import _socket  # the C sockets: gevent's wrappers add a Python layer to every call
 import logging
 import socket
 from time import monotonic
@@ -29,11 +30,12 @@ import gevent
 
 from dynproxy.core.router import ConnInfo
 from dynproxy.core.udp_sessions import SessionTable
-from dynproxy.net.dial import _hash_key, report_health, resolve
+from dynproxy.net.dial import DialFailed, _hash_key, new_socket, report_health, resolve
 from dynproxy.net.routing import route
 from dynproxy.net.state import Serving
 from dynproxy.net.tcp import BindError
 from dynproxy.obs.log import access_log, log_once_per
+from dynproxy.obs.metrics_batch import Sampler
 
 log = logging.getLogger("dynproxy.udp")
 
@@ -46,11 +48,12 @@ MIN_SLEEP = 0.001
 
 
 class UdpSession:
-    """One client address and its upstream socket; counts are summed at its end."""
+    """One client address and its upstream socket; counts are summed at its end, and
+    `counted_up`/`counted_down` are the bytes already in the byte counters while open."""
 
     __slots__ = ("addr", "sock", "send", "recv", "watcher", "member", "snap", "rule",
                  "start", "last", "touch_due", "up", "down", "datagrams_up",
-                 "datagrams_down", "answered")
+                 "datagrams_down", "answered", "counted_up", "counted_down")
 
     def __init__(self, addr, sock, member, snap, rule: str | None, now: float):
         self.addr, self.sock, self.member, self.snap, self.rule = addr, sock, member, snap, rule
@@ -58,6 +61,7 @@ class UdpSession:
         self.watcher = None
         self.start = self.last = self.touch_due = now
         self.up = self.down = self.datagrams_up = self.datagrams_down = 0
+        self.counted_up = self.counted_down = 0
         self.answered = False
 
 
@@ -85,6 +89,7 @@ class UdpProxy:
         self._loop = gevent.get_hub().loop
         self._greenlets: list[gevent.Greenlet] = []
         self._bind_metrics(metrics, name)
+        self._open_bytes = Sampler(self._loop, self._count_open_bytes)
 
     def _bind_metrics(self, m, name: str) -> None:
         self._m_sessions = m.udp_sessions.labels(name)
@@ -97,6 +102,7 @@ class UdpProxy:
         self._m_drop_rejected = drop("udp_rejected")
         self._m_drop_no_backend = drop("udp_no_backend")
         self._m_drop_connect_failed = drop("udp_connect_failed")
+        self._m_drop_fd_limit = drop("udp_fd_limit")
         self._m_drop_not_accepting = drop("udp_not_accepting")
         self._m_upstream_full = drop("udp_upstream_full")
         self._m_client_full = drop("udp_client_full")
@@ -112,6 +118,7 @@ class UdpProxy:
     def kill_all(self, timeout: float = 1.0) -> None:
         """End every session now and close the listener socket."""
         gevent.killall(self._greenlets, timeout=timeout)
+        self._open_bytes.stop()
         for _, sess in self._table.pop_all():
             self._close(sess, "closed", "shutdown")
         self._refused.clear()
@@ -175,10 +182,11 @@ class UdpProxy:
         if sess is None:
             return
         self._by_addr[addr] = sess
+        self._open_bytes.wake()
         evicted = self._table.add(addr, sess, now)
         if evicted is not None:
             self._m_evicted.inc()
-            self._close(evicted[1], "closed", "evicted")
+            self._close(evicted[1], "evicted")
         try:
             sess.send(data)
         except OSError as exc:
@@ -209,7 +217,10 @@ class UdpProxy:
         if member is None:
             self.metrics.errors_total.labels("no_backend").inc()
             return self._refuse(addr, rule, None, "no_backend", now, self._m_drop_no_backend)
-        sock = self._connect(member)
+        try:
+            sock = self._connect(member)
+        except DialFailed:  # out of descriptors: ours to fix, not the member's (new_socket)
+            return self._refuse(addr, rule, None, "fd_limit", now, self._m_drop_fd_limit)
         if sock is None:
             self._passive_failure(snap, member, "udp socket failed")
             return self._refuse(addr, rule, member.id, "connect_failed", now,
@@ -224,10 +235,12 @@ class UdpProxy:
         return sess
 
     def _connect(self, member):
+        """A connected upstream socket; None when the member's address fails (counted,
+        logged); DialFailed when the process cannot make a socket at all."""
         spec = member.spec
         try:
             family, sockaddr = resolve(spec.host, spec.port)
-            sock = _socket.socket(family, socket.SOCK_DGRAM)
+            sock = new_socket(family, socket.SOCK_DGRAM, "udp", self.metrics)
             try:
                 sock.setblocking(False)
                 sock.connect(sockaddr)  # UDP: sets the peer, sends nothing
@@ -295,8 +308,8 @@ class UdpProxy:
     def _first_answer(self, sess: UdpSession) -> None:
         sess.answered = True
         health = sess.member.health
-        if health.consecutive or not health.up:
-            if sess.member.record(True, "udp reply") is not None:
+        if health.passive_failures or not health.up:
+            if sess.member.record_passive(True, 0, "udp reply") is not None:
                 report_health(sess.snap.topology, sess.member, self.metrics)
 
     def _upstream_failed(self, sess: UdpSession, exc: OSError) -> None:
@@ -313,7 +326,8 @@ class UdpProxy:
         self._close(sess, end, str(exc.strerror or exc))
 
     def _passive_failure(self, snap, member, reason: str) -> None:
-        if member.record(False, reason) is not None:
+        """Live traffic failed on `member`: counts towards `health.passive_fall`."""
+        if member.record_passive(False, snap.config.health.passive_fall, reason) is not None:
             report_health(snap.topology, member, self.metrics)
 
     # activity, expiry, ending -----------------------------------------------------------
@@ -338,7 +352,7 @@ class UdpProxy:
             if sess.last >= deadline:
                 still_active.append(sess)
             else:
-                self._close(sess, "timeout")
+                self._close(sess, "idle")
         still_active.sort(key=_last_active)
         for sess in still_active:
             self._table.add(sess.addr, sess, sess.last)
@@ -357,10 +371,10 @@ class UdpProxy:
     def _report(self, sess: UdpSession, end: str, detail: str | None) -> None:
         duration = monotonic() - sess.start
         self.metrics.requests_total.labels("udp", end).inc()
-        if sess.up:
-            self._m_up.inc(sess.up)
-        if sess.down:
-            self._m_down.inc(sess.down)
+        if sess.up > sess.counted_up:  # the rest: the sampler counted the first part
+            self._m_up.inc(sess.up - sess.counted_up)
+        if sess.down > sess.counted_down:
+            self._m_down.inc(sess.down - sess.counted_down)
         self._m_duration.observe(duration)
         extra = {"detail": detail} if detail else {}
         access_log(client=self._client(sess.addr), listener=self.name, proto="udp", sni=None,
@@ -368,6 +382,24 @@ class UdpProxy:
                    bytes_down=sess.down, duration_ms=duration * 1000, end=end,
                    datagrams_up=sess.datagrams_up, datagrams_down=sess.datagrams_down,
                    **extra)
+
+    def _count_open_bytes(self) -> bool:
+        """Once a second: add what each open session moved since the last count to the
+        byte counters, so a steady stream (which never goes idle) shows while it lasts;
+        _report adds the rest. False when no session is open."""
+        up = down = 0
+        for sess in self._by_addr.values():
+            if sess.up > sess.counted_up:
+                up += sess.up - sess.counted_up
+                sess.counted_up = sess.up
+            if sess.down > sess.counted_down:
+                down += sess.down - sess.counted_down
+                sess.counted_down = sess.down
+        if up:
+            self._m_up.inc(up)
+        if down:
+            self._m_down.inc(down)
+        return bool(self._by_addr)
 
     def _client(self, addr) -> str:
         return f"[{addr[0]}]:{addr[1]}" if self._v6 else f"{addr[0]}:{addr[1]}"

@@ -6,6 +6,7 @@ come out in the same format). Extra fields given with `extra=` become JSON keys.
 `access_log` writes exactly one JSON line per connection or UDP session to the
 `dynproxy.access` logger, whatever the format of the other lines and whatever the
 general log level (it is switched off only by `setup_logging(access=False)`).
+Every JSON line, access or not, carries its time under the same key, `ts`.
 `ACCESS_LINES` is the TCP hot path's way to the same lines: `tcp_line` formats one with
 an f-string (the constant parts JSON-encoded once, by the caller) and queues it, and
 `flush` writes the queue with one write, once per event-loop iteration.
@@ -43,7 +44,8 @@ __all__ = [
 
 ACCESS_LOGGER = "dynproxy.access"
 END_REASONS = frozenset({"closed", "reset", "timeout", "rejected", "no_backend",
-                         "connect_failed", "error", "tls_failed"})
+                         "connect_failed", "error", "tls_failed", "idle", "evicted",
+                         "fd_limit"})
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 FORMATS = ("json", "text")
@@ -182,7 +184,7 @@ def access_log(*, client: str, listener: str, proto: str, sni: str | None,
         return
     if end not in END_REASONS:
         raise ValueError(f"access_log end={end!r}; expected one of {sorted(END_REASONS)!r}")
-    line = {"time": format_ts(time.time() if time_s is None else time_s),
+    line = {"ts": format_ts(time.time() if time_s is None else time_s),
             "logger": ACCESS_LOGGER, "client": client, "listener": listener,
             "proto": proto, "sni": sni, "rule": rule, "backend": backend,
             "bytes_up": bytes_up, "bytes_down": bytes_down,
@@ -237,7 +239,7 @@ class AccessLines:
         if second != cached:
             prefix = _clock_text.prefix(second)
         self._pending.append(
-            f'{{"time": "{prefix}.{int((wall - second) * 1000):03d}Z", '
+            f'{{"ts": "{prefix}.{int((wall - second) * 1000):03d}Z", '
             f'"logger": "{ACCESS_LOGGER}", '
             f'"client": "{client}", "listener": {listener_json}, "proto": "tcp", '
             f'"sni": {sni_json}, "rule": {rule_json}, "backend": {backend_json}, '

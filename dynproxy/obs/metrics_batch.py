@@ -7,6 +7,11 @@ and the batch pushes them at most ten times a second (at the end of the loop ite
 when it has been quiet), so a scrape lags the traffic by at most 0.1 s. Cells are made
 once per label set, never per connection.
 
+Some values grow with no event to count them at: the bytes an open connection moves
+(counted per read, they would cost the hot path). A `Sampler` reads such values once a
+second (SAMPLE_INTERVAL) while there are any and adds what grew to cells, so they reach
+a scrape at most about a second late.
+
 Must never: do I/O of its own beyond the children it pushes to, or lose an update (a
 cell is queued the first time it changes after a push, and every queued cell is pushed).
 """
@@ -17,7 +22,9 @@ import time
 from bisect import bisect_left
 from typing import Any, Callable
 
-__all__ = ["Batch"]
+__all__ = ["SAMPLE_INTERVAL", "Batch", "Sampler"]
+
+SAMPLE_INTERVAL = 1.0  # seconds between samples: the most a sampled value lags (+ a push)
 
 
 class _Cell:
@@ -165,3 +172,34 @@ class Batch:
             cell.push()
         for hook in self._hooks:
             hook()
+
+
+class Sampler:
+    """Calls `sample()` every `interval` seconds on `loop` (gevent/libev) while awake.
+
+    `sample()` reads values that change without an event of their own and adds their
+    growth to cells; it returns False when it has nothing left to watch, and the timer
+    then stops until the next `wake()`: an idle process runs no timer. `wake()` is a
+    flag test when already awake, cheap enough to call once per connection.
+    """
+
+    __slots__ = ("sample", "timer", "awake")
+
+    def __init__(self, loop: Any, sample: Callable[[], bool],
+                 interval: float = SAMPLE_INTERVAL) -> None:
+        self.sample = sample
+        self.timer = loop.timer(interval, interval)
+        self.awake = False
+
+    def wake(self) -> None:
+        if not self.awake:
+            self.awake = True
+            self.timer.start(self._tick)
+
+    def stop(self) -> None:
+        self.awake = False
+        self.timer.stop()
+
+    def _tick(self) -> None:
+        if not self.sample():
+            self.stop()

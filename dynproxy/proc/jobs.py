@@ -295,11 +295,25 @@ def _apply_members(topology, event: dict, metrics) -> None:
         return
     specs = [BackendSpec(b["name"], b["host"], int(b["port"]), int(b["weight"]),
                          source="redis") for b in event["backends"]]
+    before = {m.id for m in topology.pools[event["pool"]].redis_members}
     gone = topology.set_redis_members(event["pool"], specs)
+    _member_series(topology, event["pool"], before, gone, metrics)
     if event.get("close_removed"):
         for member in gone:
             if member.removed:  # not still a member somewhere else
                 member.close_connections()
+
+
+def _member_series(topology, pool: str, before: set[str], gone: list, metrics) -> None:
+    """proxy_backend_health for a pool's Redis members: a member that joins gets its
+    series at once (as this process sees it: a new member is up), and one that leaves
+    loses it here. In multiprocess mode the master's /metrics also drops the series of
+    members it no longer has (obs.http), since a worker's files cannot forget one."""
+    for member in topology.pools[pool].redis_members:
+        if member.id not in before:
+            metrics.backend_health.labels(pool, member.id).set(1 if member.health.up else 0)
+    for member in gone:
+        metrics.backend_health.remove(pool, member.id)
 
 
 def _apply_health(topology, event: dict, metrics) -> None:
@@ -311,7 +325,7 @@ def _apply_health(topology, event: dict, metrics) -> None:
         if state.up == up:
             break
         state.record(up, event.get("reason") or "")
-    state.record(up)  # agreeing result: clears passive progress towards a flip
+    state.record(up)  # agreeing result: clears the checks' progress towards a flip
     member.last_check = event.get("last_check")
     for pool in topology.pools.values():
         if member in pool.members:

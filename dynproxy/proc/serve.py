@@ -149,27 +149,33 @@ class Server:
 
     def drain(self, timeout: float, interrupted: Callable[[], bool]) -> None:
         """Stop accepting now; let connections finish up to `timeout` seconds or until
-        `interrupted()` says to hurry; then close the rest (stop_fast)."""
+        `interrupted()` says to hurry; then cut the rest (stop_fast)."""
         self.set_state("draining")
         self.stop_accepting()
         deadline = time.monotonic() + timeout
         log.info("stopped accepting; draining %d connection(s) for up to %ss",
                  self.open_connections(), timeout, extra={"event": "draining"})
+        why = f"the drain timeout ({timeout:g}s) passed"
         while self.open_connections() and time.monotonic() < deadline:
             if interrupted():
                 log.warning("told to hurry during the drain: closing everything now")
+                why = "told to hurry"
                 break
             gevent.sleep(DRAIN_POLL)
-        self.stop_fast()
+        self.stop_fast(why)
 
-    def stop_fast(self) -> None:
+    def stop_fast(self, why: str = "fast stop") -> None:
+        """Cut every connection now: relayed ones with RST, so a client cannot take the
+        cut for a complete response (TcpProxy.kill_all); close UDP sessions."""
         if self.stopped:
             return
         self.set_state("stopping")
         self.stop_accepting()
         left = self.open_connections()
         if left:
-            log.info("closing %d connection(s)", left)
+            log.warning("%s: closing %d connection(s) still open; relayed ones with a "
+                        "reset (RST), so their clients see the stream cut, not ended", why, left,
+                        extra={"event": "connections_cut", "connections": left})
         self.background.kill(block=False)
         self.cert_watcher.stop()
         for proxy in [*self._listeners(), *self.retired_tcp]:

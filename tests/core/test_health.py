@@ -72,7 +72,7 @@ def test_empty_reason_says_how_many_in_a_row():
     assert state.reason == transition.reason
 
 
-def test_passive_failures_count_like_probe_failures():
+def test_failures_of_any_origin_count_towards_fall_in_record():
     state = HealthState(fall=2)
     assert state.record(False, "probe timed out") is None
     assert state.record(False, "connect refused (live traffic)") == Transition(

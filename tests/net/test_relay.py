@@ -475,3 +475,61 @@ def test_splice_refused_by_the_socket_falls_back_to_copy(monkeypatch):
     assert recv_all(pair.client_end) == b""
     assert job.get(timeout=10) == RelayResult(len(data), 0, "closed", "client")
     pair.close_ends()
+
+
+@pytest.mark.parametrize("failure", [pytest.param(errno.EMFILE, id="EMFILE"),
+                                     pytest.param(errno.ENFILE, id="ENFILE"),
+                                     pytest.param(errno.ENOMEM, id="ENOMEM")])
+def test_no_pipe_for_lack_of_descriptors_copies_instead_and_logs_once(monkeypatch, failure):
+    from dynproxy.net import relay_pools
+    from dynproxy.obs import log as obs_log
+
+    lines = []
+
+    class Lines:  # a fresh once-logger: no earlier test's line within its interval
+        def log(self, level, msg, *args, **kw):
+            lines.append(msg % args)
+
+    monkeypatch.setattr(obs_log, "_default", obs_log.OnceLogger(Lines()))
+    refusals = []
+    monkeypatch.setattr(PIPES, "on_refused", lambda: refusals.append(1))
+
+    def pipe2_refused(flags):
+        raise OSError(failure, os.strerror(failure))
+
+    PIPES.close_idle()  # nothing to reuse: every take must create a pipe
+    monkeypatch.setattr(relay_pools.os, "pipe2", pipe2_refused)
+    created, refused = PIPES.created, PIPES.refused
+    pair = Pair()
+    job = pair.spawn(use_splice=True)  # splice from the first byte
+    up, down = os.urandom(1 << 20), os.urandom(1 << 20)
+    senders = [gevent.spawn(send_then_shut, pair.client_end, up),
+               gevent.spawn(send_then_shut, pair.server_end, down)]
+    assert digest(recv_all(pair.server_end)) == digest(up)
+    assert digest(recv_all(pair.client_end)) == digest(down)
+    gevent.joinall(senders, raise_error=True)
+    result = job.get(timeout=10)
+    assert (result.bytes_up, result.bytes_down, result.end) == (len(up), len(down), "closed")
+    assert PIPES.created == created
+    # each bulk read tried a pipe again (one might have been given back meanwhile)
+    assert PIPES.refused - refused == len(refusals) >= 2
+    assert len(lines) == 1 and "copying instead" in lines[0]
+    assert os.strerror(failure) in lines[0]
+    pair.close_ends()
+
+
+def test_other_pipe_failures_still_end_the_relay_as_errors(monkeypatch):
+    from dynproxy.net import relay_pools
+
+    def pipe2_broken(flags):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    PIPES.close_idle()
+    monkeypatch.setattr(relay_pools.os, "pipe2", pipe2_broken)
+    refused = PIPES.refused
+    pair = Pair()
+    job = pair.spawn(use_splice=True)
+    pair.client_end.sendall(b"x" * 1000)
+    assert job.get(timeout=10).end == "error"
+    assert PIPES.refused == refused  # not a lack of resources: not counted as one
+    pair.close_ends()

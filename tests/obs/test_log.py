@@ -109,7 +109,7 @@ def test_access_log_writes_one_json_line_with_every_field(capture):
     access_log(**ACCESS_FIELDS, time_s=0.25, worker=2)
     (line,) = lines(buf)
     record = json.loads(line)
-    expected = dict(ACCESS_FIELDS, duration_ms=12.346, time="1970-01-01T00:00:00.250Z",
+    expected = dict(ACCESS_FIELDS, duration_ms=12.346, ts="1970-01-01T00:00:00.250Z",
                     logger="dynproxy.access", worker=2)
     assert record == expected
 
@@ -131,7 +131,22 @@ def test_access_log_is_json_in_text_mode_too(capture):
     access_log(**dict(ACCESS_FIELDS, sni=None, backend=None, end="no_backend"))
     record = json.loads(lines(buf)[0])
     assert (record["sni"], record["backend"], record["end"]) == (None, None, "no_backend")
-    assert TS.match(record["time"])
+    assert TS.match(record["ts"])
+
+
+def test_every_json_line_carries_its_time_under_ts(capture):
+    configure, buf = capture
+    configure()
+    logging.getLogger("dynproxy.test").info("started")
+    access_log(**dict(ACCESS_FIELDS, proto="udp"), time_s=0.25)
+    fast = L.AccessLines()
+    fast.tcp_line(0.25, "10.0.0.1:5555", '"tcp-main"', None, "null", "null", 1, 2, 0.001,
+                  "closed")
+    fast.flush()
+    records = [json.loads(x) for x in lines(buf)]
+    assert len(records) == 3
+    for record in records:
+        assert TS.match(record["ts"]) and "time" not in record, record
 
 
 def test_access_log_can_be_switched_off(capture):

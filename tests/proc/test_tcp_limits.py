@@ -241,7 +241,7 @@ default -> forward(web)
         for s in senders:
             s.sendto(b"query", ("127.0.0.1", p.udp_port))
         deadline = time.monotonic() + 10  # until the UDP side has run out of descriptors
-        while p.metric("proxy_errors_total", reason="connect_failed") == 0:
+        while p.metric("proxy_errors_total", reason="fd_limit_upstream") == 0:
             assert time.monotonic() < deadline, p.logs()
             time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=15) as sock:
@@ -253,4 +253,6 @@ default -> forward(web)
             s.close()
     assert p.metric("proxy_errors_total", reason="fd_limit") >= 1
     assert p.logs().count("cannot accept: Too many open files") == 1
+    # the UDP side's shortage is ours, not the backend's: `dns` was never marked down
+    assert "backend dns (" not in p.logs() and p.logs().count("cannot open a UDP socket") == 1
     assert_alive(p)
