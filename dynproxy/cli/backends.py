@@ -20,10 +20,12 @@ import time
 
 import click
 
+from dynproxy.cli.number_args import SignedArgsCommand, WholeNumber
 from dynproxy.store.records import DEFAULT_WEIGHT, MAX_WEIGHT, RecordError
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DRAINED_FROM = "drained_weight"  # metadata field remembering the weight before `drain`
+WEIGHT_NOTE = "0 = drained: no new connections"
 
 
 class _Store:
@@ -156,11 +158,13 @@ def _ttl(ttl: int | None) -> str:
 @backends.command()
 @click.argument("name")
 @click.argument("address")
-@click.option("--weight", type=int, default=DEFAULT_WEIGHT, show_default=True,
+@click.option("--weight", default=DEFAULT_WEIGHT, show_default=True,
+              type=WholeNumber("a weight", 0, MAX_WEIGHT, "--weight 5", WEIGHT_NOTE),
               help=f"Share of new connections (0..{MAX_WEIGHT}; 0 = drained).")
 @click.option("--unhealthy", is_flag=True, help='Write "healthy": false.')
 @click.option("--metadata", metavar="JSON", default="{}", help="A JSON object to keep with it.")
-@click.option("--ttl", type=click.IntRange(min=1), metavar="SECONDS",
+@click.option("--ttl", type=WholeNumber("a time to live in seconds", 1, None, "--ttl 60"),
+              metavar="SECONDS",
               help="Let the key expire (the proxies drop the backend when it does).")
 @click.pass_context
 def add(ctx, name, address, weight, unhealthy, metadata, ttl):
@@ -184,8 +188,6 @@ def _validated(name: str, address: str, weight: int, metadata: str) -> dict:
     try:
         validate_name(name)
         parse_address(address)
-        if not 0 <= weight <= MAX_WEIGHT:
-            raise RecordError("bad_weight", f"weight {weight!r} must be in 0..{MAX_WEIGHT}")
         meta = json.loads(metadata)
     except RecordError as err:
         raise click.BadParameter(str(err)) from None
@@ -216,12 +218,16 @@ def rm(ctx, names):
         _fail(f"no such backend: {', '.join(map(repr, missing))} (see `dynproxy backends list`)")
 
 
-@backends.command("set-weight")
+@backends.command("set-weight", cls=SignedArgsCommand)
 @click.argument("name")
-@click.argument("weight", type=click.IntRange(0, MAX_WEIGHT))
+@click.argument("weight", type=WholeNumber("a weight", 0, MAX_WEIGHT,
+                                           "`dynproxy backends set-weight web-1 5`",
+                                           WEIGHT_NOTE))
 @click.pass_context
 def set_weight(ctx, name, weight):
-    """Set NAME's weight (also ends a drain); other fields are left as they are."""
+    """Set NAME's weight (also ends a drain); other fields are left as they are.
+
+    WEIGHT is a whole number from 0 (drained) to 1000000, e.g. `set-weight web-1 5`."""
     def change(fields: dict) -> dict:
         fields["weight"] = weight
         if isinstance(fields.get("metadata"), dict):

@@ -3,9 +3,12 @@
 On a terminal: a prompt, readline history in ~/.dynproxy_history and tab completion.
 Otherwise (a pipe or a file): no prompt and no banner, one answer block per query
 line with a blank line between answers, `#` comments and blank lines skipped, so it
-can be scripted and tested. Exit 0 at the end of input, 2 when the rule file does
-not load (its diagnostics on stderr). The answers come from repl_console; this
-module only reads lines and writes answers. Never runs plugins, opens no sockets.
+can be scripted and tested. A script exits 0 when every line was answered, 1 when
+any line failed (an `error: ...`, refused rules, a failed `:reload`; every line is
+still answered, and stderr names the failed lines), 2 when the rule file does not
+load (its diagnostics on stderr). Interactive use exits 0. The answers come from
+repl_console; this module only reads lines and writes answers. Never runs plugins,
+opens no sockets.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dynproxy.lang.explain import iter_atoms
 HISTORY_FILE = "~/.dynproxy_history"
 HISTORY_LENGTH = 1000
 MAX_LINE = 64 * 1024
+MAX_FAILED_SHOWN = 20  # line numbers named on stderr when a script had failures
 PROMPT = "dynproxy> "
 
 
@@ -41,13 +45,25 @@ def repl(rules_path: str, plugins: tuple[str, ...]) -> None:
     try:
         if sys.stdin.isatty():
             interactive(console)
-        else:
-            scripted(console, sys.stdin.buffer, sys.stdout)
+            return
+        failed = scripted(console, sys.stdin.buffer, sys.stdout)
     except OSError as exc:  # stdout closed or full, stdin unreadable: stop, one line, no trace
         _abandon_output()
         if not isinstance(exc, BrokenPipeError):  # a reader that left wants no message
             sys.stderr.write(f"dynproxy repl: cannot go on: {exc.strerror or exc}\n")
         sys.exit(1)
+    if failed:  # like `python < file`: a script with a failed line fails, for CI checks
+        sys.stderr.write(failure_summary(failed) + "\n")
+        sys.exit(1)
+
+
+def failure_summary(failed: list[int]) -> str:
+    """`dynproxy repl: 2 lines failed (input lines 3, 7)`, naming at most MAX_FAILED_SHOWN."""
+    count = "1 line" if len(failed) == 1 else f"{len(failed)} lines"
+    shown = ", ".join(map(str, failed[:MAX_FAILED_SHOWN]))
+    more = ", ..." if len(failed) > MAX_FAILED_SHOWN else ""
+    which = "input line" if len(failed) == 1 else "input lines"
+    return f"dynproxy repl: {count} failed ({which} {shown}{more})"
 
 
 def _tolerant_output() -> None:
@@ -81,8 +97,9 @@ def _open_session(path: str, plugins: tuple[str, ...]) -> Session:
 # --- scripted: one answer per query line ---------------------------------------------
 
 
-def scripted(console: Console, stream, out) -> None:
-    first = True
+def scripted(console: Console, stream, out) -> list[int]:
+    """Answer every line of `stream` on `out`; returns the numbers of the lines that failed."""
+    first, failed = True, []
     for number, raw in enumerate(read_lines(stream), 1):
         line = _decode(raw, number)
         if isinstance(line, str):
@@ -95,6 +112,9 @@ def scripted(console: Console, stream, out) -> None:
         out.write(("" if first else "\n") + answer.text + "\n")
         out.flush()
         first = False
+        if answer.failed:
+            failed.append(number)
+    return failed
 
 
 def read_lines(stream):
@@ -114,12 +134,13 @@ def read_lines(stream):
 def _decode(raw: bytes | None, number: int):
     """The line's text, or an Answer saying why it cannot be read."""
     if raw is None:
-        return Answer(f"error: line {number} is longer than {MAX_LINE} bytes; skipped")
+        return Answer(f"error: line {number} is longer than {MAX_LINE} bytes; skipped",
+                      failed=True)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Answer(f"error: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                      f"at offset {exc.start}); skipped")
+                      f"at offset {exc.start}); skipped", failed=True)
 
 
 # --- interactive: prompt, history, completion ------------------------------------------

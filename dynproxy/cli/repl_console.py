@@ -4,7 +4,8 @@ The Console owns a Session and turns every line into an Answer; it never reads o
 writes a terminal itself, so scripts, tests and the interactive loop share it. No
 input line escapes as an exception: user mistakes become `error: ...` lines, rule
 diagnostics are rendered in compiler format, and anything unexpected becomes
-`internal error: ...`.
+`internal error: ...`; such an Answer is marked `failed` (a script's exit status
+counts them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ opinion."""
 class Answer:
     text: str
     quit: bool = False
+    failed: bool = False  # the line was refused: a user mistake, bad rules, an internal error
 
 
 class Console:
@@ -58,11 +60,11 @@ class Console:
         try:
             return self._dispatch(line.strip())
         except SessionError as exc:
-            return Answer(f"error: {exc}")
+            return Answer(f"error: {exc}", failed=True)
         except RulesError as exc:
-            return Answer(render_errors(exc) + "\nnothing changed")
+            return Answer(render_errors(exc) + "\nnothing changed", failed=True)
         except Exception as exc:  # the session must survive anything a line can cause
-            return Answer(f"internal error: {type(exc).__name__}: {exc}")
+            return Answer(f"internal error: {type(exc).__name__}: {exc}", failed=True)
 
     def _dispatch(self, line: str) -> Answer:
         if not line.startswith(":"):
@@ -134,13 +136,14 @@ class Console:
         notes = self.session.drop(number)
         return "\n".join([f"dropped {label}", *notes])
 
-    def reload(self, arg: str) -> str:
+    def reload(self, arg: str) -> str | Answer:
         _no_argument(":reload", arg)
         try:
             notes = self.session.reload()
         except RulesError as exc:
             kept = len(self.session.rules)
-            return render_errors(exc) + f"\nreload failed: keeping the previous rules ({kept} rules)"
+            return Answer(render_errors(exc) + "\nreload failed: keeping the previous rules "
+                          f"({kept} rules)", failed=True)
         ruleset = self.session.ruleset
         warnings = render_text(ruleset.diagnostics, ruleset.program.sources).rstrip("\n")
         done = f"reloaded {self.session.path}: {len(ruleset.rules)} rules"

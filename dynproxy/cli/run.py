@@ -11,6 +11,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
+from dynproxy.cli.number_args import WholeNumber  # noqa: E402
 from dynproxy.core.config import ConfigError  # noqa: E402
 from dynproxy.lang.diagnostics import RulesError  # noqa: E402
 
@@ -48,7 +49,8 @@ def _overrides(tcp_bind, udp_bind, metrics_bind, log_level, workers, pid_file) -
               help="UDP listener (repeatable; 'none' for no UDP); replaces server.udp_bind.")
 @click.option("--metrics-bind", metavar="HOST:PORT", help="Address of /metrics and /healthz.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--workers", type=click.IntRange(0, 1024),
+@click.option("--workers", type=WholeNumber("a number of workers", 0, 1024, "--workers 4",
+                                            "0: one per CPU"),
               help="Worker processes (0: one per CPU); replaces server.workers.")
 @click.option("--pid-file", type=click.Path(dir_okay=False),
               help="Write the master's pid here (for `dynproxy reload|stop`); "

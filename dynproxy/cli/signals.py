@@ -14,6 +14,7 @@ import time
 
 import click
 
+from dynproxy.cli.number_args import Seconds
 from dynproxy.core.config import ConfigError, load_config_file
 from dynproxy.proc.pidfile import PidFileError, read_pid
 
@@ -67,7 +68,7 @@ def reload(pid_file, config_path):
               "of letting them finish (SIGTERM).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until the proxy has exited.")
-@click.option("--timeout", type=float, default=None,
+@click.option("--timeout", type=Seconds("--timeout 60", "or --no-wait"), default=None,
               help="Give up waiting after this many seconds (exit status 1).")
 def stop(pid_file, config_path, fast, wait, timeout):
     """Stop the proxy: gracefully (drain up to shutdown.drain_timeout), or --fast."""

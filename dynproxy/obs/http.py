@@ -1,6 +1,7 @@
 """The monitoring HTTP endpoint on the metrics port (gevent pywsgi).
 
-GET /metrics   Prometheus text (aggregated over workers in multiprocess mode)
+GET /metrics   Prometheus text (aggregated over workers in multiprocess mode), with
+               proxy_backend_health matched to the members of the /backends view
 GET /healthz   200 "ok" while serving or reloading; 503 and the state name otherwise
 GET /backends  JSON from the caller's callable (pools, members, health)
 anything else  404 (405 for a known path with a method other than GET/HEAD)
@@ -11,6 +12,7 @@ No per-request access log (scrapes every few seconds are noise); failures are lo
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket as _stdsocket
@@ -19,8 +21,11 @@ from typing import Any, Callable
 from gevent import socket
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
-from dynproxy.obs.metrics import Metrics, render_metrics
+from dynproxy.obs.log import log_once_per
+from dynproxy.obs.metrics import CONTENT_TYPE, Metrics, render_metrics
 
 __all__ = ["HEALTHY_STATES", "MonitoringApp", "start_http"]
 
@@ -74,12 +79,73 @@ class MonitoringApp:
         return "503 Service Unavailable", _TEXT, f"{state}\n".encode()
 
     def _render_metrics(self) -> Reply:
-        body, ctype = render_metrics(self._metrics)
-        return "200 OK", ctype, body
+        members = self._members()
+        if members is None:
+            body, ctype = render_metrics(self._metrics)
+            return "200 OK", ctype, body
+        body = generate_latest(WithMemberHealth(self._metrics, members))
+        return "200 OK", CONTENT_TYPE, body
+
+    def _members(self) -> dict[tuple[str, str], int] | None:
+        """The members proxy_backend_health shows (None: as the processes set it)."""
+        if self._backends_fn is None:
+            return None
+        try:
+            return member_health(self._backends_fn())
+        except Exception as exc:  # /metrics must not fail with the /backends view
+            log_once_per("metrics-members", 60.0, "/metrics: no member list (%r); "
+                         "proxy_backend_health shows what the processes set", exc)
+            return None
 
     def _backends(self) -> Reply:
         body = json.dumps(self._backends_fn(), default=str, indent=2).encode() + b"\n"
         return "200 OK", _JSON, body
+
+
+HEALTH_FAMILY = "proxy_backend_health"
+NO_POOL = "-"  # the pool label of a backend that is in no pool (as passive health reports it)
+
+
+def member_health(view: dict) -> dict[tuple[str, str], int]:
+    """(pool, backend) -> 1/0 for every member of every pool, and (NO_POOL, backend) for
+    a backend in no pool, from a /backends view (`Topology.snapshot`)."""
+    series = {(pool, m["id"]): int(bool(m["healthy"]))
+              for pool, spec in view.get("pools", {}).items() for m in spec["members"]}
+    pooled = {backend for _, backend in series}
+    series.update({(NO_POOL, name): int(bool(b["healthy"]))
+                   for name, b in view.get("backends", {}).items() if name not in pooled})
+    return series
+
+
+class WithMemberHealth:
+    """The metrics to scrape, with proxy_backend_health made to match the members the
+    caller has now: one series per member, even one nobody has set (no active checks,
+    never marked down by passive health: the /backends view's value), and none for a
+    member that has left its pool (a worker's multiprocess files still hold its last
+    value; they cannot forget one series). A value some process set (an active check,
+    a worker's passive health) wins over the view's."""
+
+    def __init__(self, metrics: Metrics, members: dict[tuple[str, str], int]) -> None:
+        self.metrics, self.members = metrics, members
+
+    def collect(self):
+        found = False
+        for family in self.metrics.scrape_registry.collect():
+            if family.name == HEALTH_FAMILY:
+                found, family = True, self._health(family.samples)
+            yield family
+        if not found:
+            yield self._health(())
+
+    def _health(self, samples) -> GaugeMetricFamily:
+        [described] = self.metrics.backend_health.metric.describe()
+        set_by_someone = {(s.labels.get("pool"), s.labels.get("backend")): s.value
+                          for s in samples}
+        family = GaugeMetricFamily(HEALTH_FAMILY, described.documentation,
+                                   labels=("pool", "backend"))
+        for key in sorted(self.members):
+            family.add_metric(key, set_by_someone.get(key, self.members[key]))
+        return family
 
 
 def start_http(bind: tuple[str, int], metrics: Metrics | None, state_fn: Callable[[], str],
@@ -95,6 +161,14 @@ def start_http(bind: tuple[str, int], metrics: Metrics | None, state_fn: Callabl
     return server
 
 
+class EndpointBindError(OSError):
+    """The monitoring endpoint cannot listen. Its text says which address, why and what
+    to do, without the `[Errno N]` prefix an OSError prints."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def _listen(bind: tuple[str, int]) -> socket.socket:
     host, port = bind[0].strip("[]"), bind[1]
     family = _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
@@ -105,7 +179,23 @@ def _listen(bind: tuple[str, int]) -> socket.socket:
         sock.listen(128)
     except OSError as err:
         sock.close()
-        raise OSError(err.errno, f"cannot listen for /metrics on {host!r} port {port}: "
-                      f"{err.strerror}; free the port or change monitoring.metrics_bind "
-                      f"(--metrics-bind)") from err
+        raise EndpointBindError(err.errno, bind_failure(host, port, err)) from err
     return sock
+
+
+ELSEWHERE = ("choose another address (--metrics-bind HOST:PORT, or monitoring.metrics_bind "
+             "in the config), or turn the endpoint off (monitoring.enable_metrics: false)")
+
+
+def bind_failure(host: str, port: int, err: OSError) -> str:
+    """Why the endpoint cannot listen on host:port, and what the operator can do."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = f"cannot serve /metrics, /healthz and /backends on {shown}"
+    if err.errno == errno.EADDRINUSE:
+        return (f"{head}: the address is already in use by another process "
+                f"(`ss -ltnp 'sport = :{port}'` shows which); stop that process, {ELSEWHERE}")
+    if err.errno == errno.EACCES:
+        return (f"{head}: permission denied (ports below 1024 need privileges); {ELSEWHERE}")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"{head}: {host!r} is not an address of this host; {ELSEWHERE}"
+    return f"{head}: {err.strerror or err}; {ELSEWHERE}"

@@ -4,6 +4,7 @@ are free, and which background jobs run. No serving here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -13,7 +14,7 @@ from dynproxy.proc.ports import check_free
 
 log = logging.getLogger("dynproxy")
 
-__all__ = ["StartError", "check_binds", "make_jobs", "worker_count"]
+__all__ = ["StartError", "bind_advice", "check_binds", "make_jobs", "worker_count"]
 
 
 class StartError(Exception):
@@ -37,9 +38,20 @@ def check_binds(server, previous) -> None:
         try:
             check_free(proto, host, port)
         except BindError as exc:
-            flag = "--tcp-bind" if proto == "tcp" else "--udp-bind"
-            raise StartError(f"{exc}; stop that program or choose another address "
-                             f"(server.{proto}_bind, {flag})") from None
+            raise StartError(f"{exc}; {bind_advice(exc)}") from None
+
+
+def bind_advice(exc: BindError) -> str:
+    """What to do about a listen address that cannot be had, by why it cannot."""
+    flag = "--tcp-bind" if exc.proto == "tcp" else "--udp-bind"
+    elsewhere = f"choose another address (server.{exc.proto}_bind, {flag})"
+    if exc.errno == errno.EADDRINUSE:
+        ss = "ss -ltnp" if exc.proto == "tcp" else "ss -lunp"
+        return (f"`{ss} 'sport = :{exc.port}'` shows the process (as root: any user's); "
+                f"stop that process or {elsewhere}")
+    if exc.errno == errno.EACCES:
+        return f"run with CAP_NET_BIND_SERVICE (AmbientCapabilities= in systemd) or {elsewhere}"
+    return elsewhere
 
 
 def _binds(server) -> set[tuple[str, str, int]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dynproxy.cli.repl import candidates
+from dynproxy.cli.repl import candidates, failure_summary
 from dynproxy.cli.repl_console import Console
 from dynproxy.cli.repl_session import Session
 
@@ -37,10 +37,16 @@ def repl(lines: str | bytes, rules: str = "main.rules", cwd: Path = FIXTURES):
                           capture_output=True, timeout=60)
 
 
-def answers(lines: str | bytes, **kw) -> list[str]:
+def answers(lines: str | bytes, failed: tuple[int, ...] = (), **kw) -> list[str]:
+    """The answer blocks of a script; `failed` is the input lines that must fail (exit 1
+    and stderr naming them); none may fail otherwise (exit 0, stderr empty)."""
     done = repl(lines, **kw)
-    assert done.returncode == 0, done.stderr.decode()
-    assert done.stderr == b""
+    if failed:
+        assert done.returncode == 1, done.stderr.decode()
+        assert done.stderr.decode() == failure_summary(list(failed)) + "\n"
+    else:
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stderr == b""
     out = done.stdout.decode()
     assert out.endswith("\n") and "Traceback" not in out
     return out[:-1].split("\n\n")
@@ -139,7 +145,7 @@ BAD_QUERIES = [
 def bad_query_answers() -> dict[str, tuple[str, str]]:
     """One REPL for every bad line, each followed by a good query: line -> (answer, next)."""
     script = "".join(f"{line}\nsni=api.example.com dport=443\n" for line, _ in BAD_QUERIES)
-    blocks = answers(script)
+    blocks = answers(script, failed=tuple(range(1, 2 * len(BAD_QUERIES), 2)))
     assert len(blocks) == 2 * len(BAD_QUERIES)
     return {line: (blocks[2 * i], blocks[2 * i + 1]) for i, (line, _) in enumerate(BAD_QUERIES)}
 
@@ -155,7 +161,7 @@ def test_garbage_bytes_never_crash_the_session():
     garbage = (b"\xff\xfe\x00garbage\n\x00\x01\x02\n" + bytes(range(11, 256)) + b"\n"
                + b"sni=" + b"a" * 200_000 + b"\n" + b"sni=\xc3(\n" + b":add \x00 -> (((\n"
                + b"sni=api.example.com dport=443\n")
-    blocks = answers(garbage)
+    blocks = answers(garbage, failed=(1, 2, 3, 4, 5, 6))
     assert blocks[0] == "error: line 1 is not UTF-8 text (byte 0xff at offset 0); skipped"
     assert blocks[1].startswith("error: '\\x00\\x01\\x02' is not KEY=VALUE")
     assert blocks[2] == "error: line 3 is not UTF-8 text (byte 0x80 at offset 117); skipped"
@@ -170,6 +176,32 @@ def test_quit_ends_the_session_and_input_after_it_is_not_read():
     assert len(answers("sni=api.example.com dport=443\n:quit\nsni=never.test\n")) == 1
     done = repl(":q\n:rules\n")
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_a_script_with_a_failed_line_answers_every_line_and_exits_1():
+    script = ("# a CI check\nsni=api.example.com dport=443\nsni=nowhere.test\n"
+              ":drop 42\n\nsni=api.example.com dport=443\n:rules x\n")
+    blocks = answers(script, failed=(4, 7))
+    assert blocks[0].startswith("decision: forward(legacy)\n")
+    assert blocks[1].startswith("decision: reject\nno rule matched")  # a decision, no failure
+    assert blocks[2] == "error: there is no rule 42; rule numbers are 1..8 (:rules)"
+    assert blocks[3].startswith("decision: forward(legacy)\n")
+    assert blocks[4] == "error: `:rules` takes no arguments"
+    assert len(blocks) == 5
+
+
+def test_a_failed_line_before_quit_still_fails_the_script():
+    assert answers("snii=a.test\n:quit\nsnii=never.read\n", failed=(1,)) == [
+        "error: unknown key 'snii' (did you mean sni=?); keys are sni=, src=, dport=, proto=, "
+        "alpn="]
+
+
+def test_stderr_names_at_most_twenty_failed_lines():
+    done = repl("snii=x\n" * 25)
+    assert done.returncode == 1
+    assert done.stdout.decode().count("error: unknown key 'snii'") == 25
+    assert done.stderr.decode() == ("dynproxy repl: 25 lines failed (input lines "
+                                    + ", ".join(map(str, range(1, 21))) + ", ...)\n")
 
 
 def test_answers_that_cannot_be_written_end_the_session_without_a_traceback(tmp_path):
@@ -264,7 +296,8 @@ def test_add_and_drop_rules_in_the_session():
     ("backend x 127.0.0.1:1", ["error: `:add` takes exactly one rule, got a declaration"]),
 ])
 def test_a_bad_added_rule_prints_diagnostics_and_changes_nothing(rule, expected):
-    added, rules, then = answers(f":add {rule}\n:rules\n:add sni exact \"ok.test\" -> reject\n")
+    added, rules, then = answers(f":add {rule}\n:rules\n:add sni exact \"ok.test\" -> reject\n",
+                                 failed=(1,))
     for part in expected:
         assert part in added
     if "error:" not in expected[0]:
@@ -292,10 +325,11 @@ def test_reload_keeps_session_edits_and_a_broken_file_keeps_the_old_rules(tmp_pa
         (tmp_path / "rules.d" / "shop.rules").write_text('sni glob "*.shop.test" -> forward(nowhere)\n')
         failed, query = _exchange(proc, ":reload\nsni=foo.net\n")
         proc.stdin.close()
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 1  # the failed :reload (input line 6) fails the script
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.stderr.read() == b"dynproxy repl: 1 line failed (input line 6)\n"
     assert "rules.d/shop.rules:1:" in failed and "'nowhere'" in failed
     assert failed.endswith("reload failed: keeping the previous rules (9 rules)")
     assert query.splitlines()[:2] == [
@@ -330,7 +364,7 @@ SHADOWED = """\
 def test_lint_shows_the_linters_warnings_for_the_current_rules():
     clean, added, linted, refused = answers(
         ':lint\n:add sni exact "x.example.com" -> reject\n:lint\n:add sni exact "y.test" -> '
-        "forward(nope)\n")
+        "forward(nope)\n", failed=(4,))  # warnings are no failure, a refused rule is
     assert clean == "the rules lint clean (8 rules)"
     assert added == 'added #9 <session>:1: sni exact "x.example.com" -> reject\n' + SHADOWED
     assert linted == SHADOWED
@@ -436,6 +470,8 @@ def test_on_a_terminal_a_prompt_history_and_tab_completion(tmp_path):
         assert b"#8 rules.d/shop.rules:2:" in _read_until(fd, b"dynproxy> ")
         os.write(fd, b"sn\tapi\tdp\t443\r")  # keys and an exact SNI complete too
         assert b"decision: forward(legacy)" in _read_until(fd, b"dynproxy> ")
+        os.write(fd, b"snii=a.test\r")  # a mistake at the prompt does not change the exit status
+        assert b"error: unknown key 'snii'" in _read_until(fd, b"dynproxy> ")
         os.write(fd, b"\x04")  # end of input: leave
         _read_until(fd, b"")
     finally:
@@ -443,8 +479,8 @@ def test_on_a_terminal_a_prompt_history_and_tab_completion(tmp_path):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     history = (tmp_path / ".dynproxy_history").read_text().splitlines()
-    assert history[-3:] == ["sni=api.example.com dport=443", ":rules ",
-                            "sni=api.example.com dport=443"]
+    assert history[-4:] == ["sni=api.example.com dport=443", ":rules ",
+                            "sni=api.example.com dport=443", "snii=a.test"]
 
 
 def _read_until(fd: int, token: bytes) -> bytes:

@@ -1,5 +1,6 @@
 """Tests for dynproxy.obs.http: real sockets on loopback, gevent sockets as the client."""
 
+import errno
 import json
 import logging
 import os
@@ -131,8 +132,23 @@ def test_ipv6_bind(proxy):
 
 def test_port_in_use_says_which_and_what_to_do(served, proxy):
     port, _ = served
-    with pytest.raises(OSError, match=rf"'127.0.0.1' port {port}.*metrics_bind"):
+    with pytest.raises(OSError) as caught:
         start_http(("127.0.0.1", port), None, lambda: proxy.state)
+    assert caught.value.errno == errno.EADDRINUSE
+    assert str(caught.value) == (
+        f"cannot serve /metrics, /healthz and /backends on 127.0.0.1:{port}: the address is "
+        f"already in use by another process (`ss -ltnp 'sport = :{port}'` shows which); stop "
+        "that process, choose another address (--metrics-bind HOST:PORT, or "
+        "monitoring.metrics_bind in the config), or turn the endpoint off "
+        "(monitoring.enable_metrics: false)")
+
+
+def test_an_address_not_of_this_host_says_so(proxy):
+    with pytest.raises(OSError) as caught:
+        start_http(("192.0.2.1", 9999), None, lambda: proxy.state)  # TEST-NET-1
+    assert str(caught.value).startswith("cannot serve /metrics, /healthz and /backends on "
+                                        "192.0.2.1:9999: '192.0.2.1' is not an address of "
+                                        "this host; choose another address (--metrics-bind")
 
 
 def test_master_serves_the_aggregate_of_forked_workers(tmp_path, proxy):

@@ -69,7 +69,10 @@ def test_add_options(run, redis_server, prefix):
     (("web-1", "127.0.0.1"), "is not HOST:PORT"),
     (("web-1", "127.0.0.1:99999"), "is not HOST:PORT"),
     (("web 1", "127.0.0.1:9001"), "must be 1..253 printable"),
-    (("web-1", "127.0.0.1:9001", "--weight", "-1"), "must be in 0..1000000"),
+    (("web-1", "127.0.0.1:9001", "--weight", "-1"),
+     "'-1' is not a weight: write a whole number in 0..1000000"),
+    (("web-1", "127.0.0.1:9001", "--ttl", "0"),
+     "'0' is not a time to live in seconds: write a whole number of at least 1, e.g. --ttl 60"),
     (("web-1", "127.0.0.1:9001", "--metadata", "[1]"), "must be a JSON object"),
     (("web-1", "127.0.0.1:9001", "--metadata", "{x"), "is not JSON"),
 ])
