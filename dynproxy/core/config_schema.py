@@ -100,8 +100,10 @@ class Server:
         "UDP listeners; an item may be a mapping with per-listener session settings",
         example=["0.0.0.0:8081", {"bind": "[::]:5353", "session_idle": "10s",
                                   "max_sessions": 5000}])
-    buffer_size: int = setting(65536, Integer(1024, 16 * 1024 * 1024),
-                               "bytes read at a time when relaying")
+    buffer_size: int = setting(262144, Integer(1024, 16 * 1024 * 1024),
+                               "bytes moved per read or splice when relaying, and the most "
+                               "one direction of a connection holds in the proxy under "
+                               "backpressure (idle connections hold none)")
     max_connections: int = setting(10000, Integer(1, MANY), "most TCP connections each "
                                    "listener serves at once in one worker; beyond it new ones "
                                    "wait in the listen backlog (counted)")

@@ -56,7 +56,7 @@ def test_default_values():
     assert cfg.server.tcp_bind == (Bind("0.0.0.0", 8080),)
     assert cfg.server.udp_bind == (UdpListener(Bind("0.0.0.0", 8081), 60.0, 100000),)
     assert (cfg.server.buffer_size, cfg.server.max_connections, cfg.server.workers) == (
-        65536, 10000, 0)
+        262144, 10000, 0)
     assert (cfg.server.pid_file, cfg.server.backlog, cfg.server.udp_max_sessions) == (
         None, 1024, 100000)
     t = cfg.server.timeouts
