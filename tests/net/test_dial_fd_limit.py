@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import _socket
 import errno
-import io
-import json
-import logging
 import socket
-import time
 from types import SimpleNamespace
 
 import gevent
@@ -22,13 +18,7 @@ import pytest
 from gevent import socket as gsocket
 
 from dynproxy.net import dial, udp
-from dynproxy.net.state import Serving
-from dynproxy.net.tcp import TcpProxy, open_tcp_listener
-from dynproxy.net.udp import UdpProxy, open_udp_socket
 from dynproxy.obs import log as obs_log
-from dynproxy.obs.log import setup_logging
-from dynproxy.obs.metrics import init_metrics
-from dynproxy.proc.build import Sources, build_snapshot
 
 SHORTAGES = [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM]
 
@@ -48,78 +38,16 @@ class FailingSockets:
         return _socket.socket(*args)
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{condition} not reached in {timeout}s"
-        gevent.sleep(0.01)
-
-
-class Site:
-    """A TcpProxy or UdpProxy in this process on `rules` (built as a worker builds its
-    snapshot, so `health.passive_fall` is the configured one), its metrics and log."""
-
-    def __init__(self, tmp_path, rules: str):
-        (tmp_path / "main.rules").write_text(rules)
-        (tmp_path / "dynproxy.yaml").write_text("health:\n  passive_fall: 1\n")
-        self.log = io.StringIO()
-        setup_logging("info", "json", stream=self.log)
-        self.metrics = init_metrics(None)
-        self.serving = Serving(build_snapshot(Sources(str(tmp_path / "main.rules"),
-                                                      str(tmp_path / "dynproxy.yaml"), {})))
-        self.proxies: list = []
-
-    def tcp(self) -> TcpProxy:
-        proxy = TcpProxy(open_tcp_listener("127.0.0.1", 0, 64, False), "t", self.serving,
-                         self.metrics, 100)
-        proxy.start()
-        self.proxies.append(proxy)
-        return proxy
-
-    def udp(self) -> UdpProxy:
-        proxy = UdpProxy(open_udp_socket("127.0.0.1", 0, False), "u", self.serving,
-                         self.metrics, 30.0, 100)
-        proxy.start()
-        self.proxies.append(proxy)
-        return proxy
-
-    @property
-    def members(self):
-        return self.serving.current.topology.members
-
-    def sample(self, name: str, **labels) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
-
-    def records(self) -> list[dict]:
-        return [json.loads(x) for x in self.log.getvalue().splitlines() if x.startswith("{")]
-
-    def access_lines(self) -> list[dict]:
-        return [r for r in self.records() if r.get("logger") == "dynproxy.access"]
-
-    def close(self) -> None:
-        for proxy in self.proxies:
-            proxy.stop_accepting()
-            proxy.kill_all(timeout=1)
-        root = logging.getLogger()  # as it was: no handler of ours left behind
-        root.removeHandler(obs_log._installed.handler)
-        obs_log._installed.handler = None
-        logging.getLogger(obs_log.ACCESS_LOGGER).setLevel(logging.NOTSET)
-
-
 @pytest.fixture
-def site(tmp_path, monkeypatch):
+def site(in_process, monkeypatch):
+    """make(rules) -> InProcess (no listener yet) with `health.passive_fall: 1`."""
     # a fresh once-per-interval memory: another test's warning must not hide this one's
     monkeypatch.setattr(obs_log, "_default", obs_log.OnceLogger("dynproxy"))
-    made = []
+    return lambda rules: in_process(rules, "health:\n  passive_fall: 1\n")
 
-    def make(rules: str) -> Site:
-        s = Site(tmp_path, rules)
-        made.append(s)
-        return s
 
-    yield make
-    for s in made:
-        s.close()
+def members(s) -> dict:
+    return s.serving.current.topology.members
 
 
 def refused(port: int) -> bool:
@@ -146,12 +74,12 @@ def test_tcp_shortage_ends_fd_limit_and_leaves_every_member_up(site, backends, m
     for _ in range(6):
         assert refused(proxy.port)
     assert failing.calls == 6  # one attempt per connection: no next member tried
-    wait_until(lambda: len(s.access_lines()) == 6)
+    s.wait_until(lambda: len(s.access_lines()) == 6)
     assert {(x["end"], x["backend"]) for x in s.access_lines()} == {("fd_limit", None)}
-    assert s.sample("proxy_errors_total", reason="fd_limit_upstream") == 6
-    assert s.sample("proxy_requests_total", proto="tcp", result="fd_limit") == 6
-    assert s.sample("proxy_errors_total", reason="connect_failed") == 0
-    for member in s.members.values():
+    assert s.value("proxy_errors_total", reason="fd_limit_upstream") == 6
+    assert s.value("proxy_requests_total", proto="tcp", result="fd_limit") == 6
+    assert s.value("proxy_errors_total", reason="connect_failed") == 0
+    for member in members(s).values():
         assert member.health.up and member.health.passive_failures == 0, member.health
         assert member.active == 0
     [warning] = [r for r in s.records() if "cannot open a TCP socket" in r.get("msg", "")]
@@ -172,11 +100,11 @@ def test_a_refused_connect_still_counts_against_the_member(site, backends, monke
     proxy = s.tcp()
     monkeypatch.setattr(dial, "_socket", FailingSockets(errno.EMFILE, failures=1))
     assert refused(proxy.port)  # the shortage: nobody's fault but ours
-    assert s.members["dead"].health.up
+    assert members(s)["dead"].health.up
     for _ in range(2):  # passive_fall 1: the first refused connect marks `dead` down
         assert greeting(proxy.port) == b"backend=a\n"
-    assert not s.members["dead"].health.up and s.members["a"].health.up
-    assert s.sample("proxy_errors_total", reason="connect_failed") == 1
+    assert not members(s)["dead"].health.up and members(s)["a"].health.up
+    assert s.value("proxy_errors_total", reason="connect_failed") == 1
 
 
 def test_udp_shortage_drops_the_datagram_fd_limit_and_leaves_the_member_up(
@@ -201,11 +129,11 @@ def test_udp_shortage_drops_the_datagram_fd_limit_and_leaves_the_member_up(
         monkeypatch.setattr(dial, "_socket", SimpleNamespace(socket=FailingSockets(
             errno.EMFILE, failures=1).socket))
         client.sendto(b"lost", ("127.0.0.1", proxy.port))
-        wait_until(lambda: s.sample("proxy_errors_total", reason="fd_limit_upstream") == 1)
-        assert s.sample("proxy_errors_total", reason="udp_fd_limit") == 1
-        assert s.sample("proxy_requests_total", proto="udp", result="fd_limit") == 1
+        s.wait_until(lambda: s.value("proxy_errors_total", reason="fd_limit_upstream") == 1)
+        assert s.value("proxy_errors_total", reason="udp_fd_limit") == 1
+        assert s.value("proxy_requests_total", proto="udp", result="fd_limit") == 1
         assert proxy.sessions == 0
-        member = s.members["e"]
+        member = members(s)["e"]
         assert member.health.up and member.health.passive_failures == 0
         assert member.active == 0
         [line] = s.access_lines()

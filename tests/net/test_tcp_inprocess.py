@@ -5,22 +5,12 @@ the batched metrics and access lines (pushed before the lines are written).
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import socket
-import time
 
 import gevent
 import pytest
 
-from dynproxy.net.state import Serving
-from dynproxy.net.tcp import TcpProxy, open_tcp_listener
 from dynproxy.net.tcp_accept import IDLE_WORKERS
-from dynproxy.obs import log as obs_log
-from dynproxy.obs.log import setup_logging
-from dynproxy.obs.metrics import init_metrics
-from dynproxy.proc.build import Sources, build_snapshot
 
 
 def recv_line(sock: socket.socket) -> bytes:
@@ -33,75 +23,35 @@ def recv_line(sock: socket.socket) -> bytes:
     return buf
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{condition} not reached in {timeout}s"
-        gevent.sleep(0.01)
+CONFIG = "server:\n  timeouts:\n    client_hello: 5s\n    idle: 30s\n"
 
 
-class InProcess:
-    """A TcpProxy on a free port serving `rules`, its metrics, and its access log."""
-
-    def __init__(self, tmp_path, rules: str, max_connections: int = 100):
-        (tmp_path / "main.rules").write_text(rules)
-        (tmp_path / "dynproxy.yaml").write_text(
-            "server:\n  timeouts:\n    client_hello: 5s\n    idle: 30s\n")
-        self.log = io.StringIO()
-        setup_logging("info", "json", stream=self.log)
-        self.metrics = init_metrics(None)
-        self.serving = Serving(build_snapshot(Sources(str(tmp_path / "main.rules"),
-                                                      str(tmp_path / "dynproxy.yaml"), {})))
-        self.proxy = TcpProxy(open_tcp_listener("127.0.0.1", 0, 64, False), "t",
-                              self.serving, self.metrics, max_connections)
-        self.proxy.start()
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.proxy.port), timeout=5)
-
-    def greeted(self) -> socket.socket:
-        sock = self.connect()
-        assert recv_line(sock) == b"backend=web\n"
-        return sock
-
-    def sample(self, name: str, **labels) -> float | None:
-        return self.metrics.registry.get_sample_value(name, labels)
-
-    def access_lines(self) -> list[dict]:
-        return [json.loads(x) for x in self.log.getvalue().splitlines()
-                if '"dynproxy.access"' in x]
-
-    def close(self) -> None:
-        self.proxy.stop_accepting()
-        self.proxy.kill_all(timeout=1)
-        root = logging.getLogger()  # as it was: no handler of ours left behind
-        root.removeHandler(obs_log._installed.handler)
-        obs_log._installed.handler = None
-        logging.getLogger(obs_log.ACCESS_LOGGER).setLevel(logging.NOTSET)
+def greeted(s) -> socket.socket:
+    """A connection through `s` that the backend has greeted."""
+    sock = s.connect()
+    assert recv_line(sock) == b"backend=web\n"
+    return sock
 
 
 @pytest.fixture
-def site(tmp_path, backends):
+def site(in_process, backends):
+    """start(extra_rules="", max_connections=100) -> InProcess with one TCP listener."""
     web = backends("web")
-    made = []
 
-    def start(extra: str = "", **kw) -> InProcess:
-        made.append(InProcess(tmp_path, f"backend web {web.address}\n{extra}"
-                                         "default -> forward(web)\n", **kw))
-        return made[-1]
-
-    yield start
-    for harness in made:
-        harness.close()
+    def start(extra: str = "", max_connections: int = 100):
+        s = in_process(f"backend web {web.address}\n{extra}default -> forward(web)\n", CONFIG)
+        s.tcp(max_connections)
+        return s
+    return start
 
 
 def test_a_relayed_connection_is_counted_before_its_access_line_is_written(site):
     s = site()
-    with s.greeted() as sock:
+    with greeted(s) as sock:
         client = sock.getsockname()
         sock.sendall(b"ping")
         assert sock.recv(10) == b"ping"
-    wait_until(lambda: s.access_lines())
+    s.wait_until(lambda: s.access_lines())
     [line] = s.access_lines()
     assert (line["client"], line["backend"], line["end"]) == (
         f"127.0.0.1:{client[1]}", "web", "closed")
@@ -116,25 +66,25 @@ def test_a_relayed_connection_is_counted_before_its_access_line_is_written(site)
 
 def test_idle_connections_hold_no_greenlet_and_one_worker_serves_one_after_another(site):
     s = site()
-    held = [s.greeted() for _ in range(IDLE_WORKERS + 10)]
+    held = [greeted(s) for _ in range(IDLE_WORKERS + 10)]
     assert s.proxy.connections == len(held) == len(s.proxy.relays)
     # each connection's worker went back to take the next one: none is held by a relay
     assert len(s.proxy.acceptor.workers) == len(s.proxy.acceptor.idle) == 1
     for sock in held:
         sock.close()
-    wait_until(lambda: s.proxy.connections == 0)
+    s.wait_until(lambda: s.proxy.connections == 0)
     assert s.proxy.relays == set()
 
 
 def test_a_member_leaving_with_close_removed_closes_its_relayed_connections(site):
     s = site()
     member = s.serving.current.topology.members["web"]
-    with s.greeted() as first, s.greeted() as second:
+    with greeted(s) as first, greeted(s) as second:
         assert len(member.connections) == 2 and member.active == 2
         assert member.close_connections() == 2
         assert first.recv(10) == b"" and second.recv(10) == b""
     assert (member.active, member.connections, s.proxy.connections) == (0, set(), 0)
-    wait_until(lambda: len(s.access_lines()) == 2)
+    s.wait_until(lambda: len(s.access_lines()) == 2)
 
 
 def test_kill_all_ends_relays_and_connections_still_waiting_for_a_client_hello(site):
@@ -145,7 +95,7 @@ def test_kill_all_ends_relays_and_connections_still_waiting_for_a_client_hello(s
         assert recv_line(sock) == b"backend=web\n"
         assert sock.recv(10) == b"x"
     silent = s.connect()  # sends nothing: its worker waits for the ClientHello
-    wait_until(lambda: s.proxy.connections == 4)
+    s.wait_until(lambda: s.proxy.connections == 4)
     assert len(s.proxy.relays) == 3
     s.proxy.kill_all(timeout=1)
     for sock in relayed:  # cut mid-stream: RST, so no client takes it for a clean end
@@ -161,7 +111,7 @@ def test_kill_all_ends_relays_and_connections_still_waiting_for_a_client_hello(s
 
 def test_the_connection_limit_keeps_the_next_client_in_the_backlog(site):
     s = site(max_connections=2)
-    first, second = s.greeted(), s.greeted()
+    first, second = greeted(s), greeted(s)
     waiting = s.connect()
     gevent.sleep(0.2)
     assert s.proxy.connections == 2 and not s.proxy.acceptor.watcher.active
@@ -169,5 +119,5 @@ def test_the_connection_limit_keeps_the_next_client_in_the_backlog(site):
     assert recv_line(waiting) == b"backend=web\n"
     for sock in (second, waiting):
         sock.close()
-    wait_until(lambda: s.proxy.connections == 0)
+    s.wait_until(lambda: s.proxy.connections == 0)
     assert s.proxy.acceptor.watcher.active
