@@ -72,6 +72,17 @@ class ConnStats:
         self.header = self.up = self.down = self.counted_up = self.counted_down = 0
         self.end = "closed"
 
+    def uncounted(self, moved_up: int, moved_down: int) -> tuple[int, int]:
+        """Bytes moved since the last count, now counted (the PROXY header, which the
+        proxy sent first, is not the client's)."""
+        up = moved_up - self.header - self.counted_up
+        down = moved_down - self.counted_down
+        up = up if up > 0 else 0
+        down = down if down > 0 else 0
+        self.counted_up += up
+        self.counted_down += down
+        return up, down
+
     def reader_watcher(self):
         reader = self.reader
         if reader is None:
@@ -127,6 +138,8 @@ class TcpProxy:
                                  self._limit_reached, self._out_of_fds)
         self.loop = self.acceptor.loop
         self.relays: set[ConnStats] = set()  # connections whose relay runs in the hub
+        # connections relayed in their greenlet (TLS) -> their live byte counts
+        self.streams: dict[ConnStats, object] = {}
         self._listener_json = json_text(name)
         self._json: dict[str | None, str] = {}
         self._infos: dict[object, ConnInfo] = {}
@@ -239,7 +252,8 @@ class TcpProxy:
     def _relay_blocking(self, conn: ConnStats, initial_up: bytes, cfg) -> None:
         client = self._blocking_style(conn)
         result = relay_streams(client, conn.upstream, initial_up=initial_up,
-                               idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size)
+                               idle_timeout=cfg.timeouts.idle, buffer_size=cfg.buffer_size,
+                               watch=self.watch_stream(conn))
         conn.up = max(0, result.bytes_up - conn.header)  # the header is ours
         conn.down, conn.end = result.bytes_down, result.end
         if result.end == "reset":
@@ -327,6 +341,8 @@ class TcpProxy:
     def finish(self, conn: ConnStats) -> None:
         """Count the connection's end, queue its access-log line, free its slot."""
         try:
+            if self.streams:
+                self.streams.pop(conn, None)
             member = conn.member
             if member is not None:
                 member.active -= 1
@@ -353,25 +369,32 @@ class TcpProxy:
         finally:
             self.acceptor.finished()
 
+    def watch_stream(self, conn: ConnStats):
+        """The `watch` for relay_streams: its counts join the byte sampler's round
+        until the connection finishes."""
+        def watch(counts) -> None:
+            self.streams[conn] = counts
+            self._open_bytes.wake()
+        return watch
+
     def _count_open_bytes(self) -> bool:
-        """Once a second: add what each open relay moved since the last count to the
-        byte counters (finish() adds the rest). False when no relay is open."""
+        """Once a second: add what each open connection moved since the last count to
+        the byte counters (finish() adds the rest). False when none is open."""
         up = down = 0
         for conn in self.relays:
             relay = conn.relay
-            moved = relay.up.moved - conn.header  # the PROXY header is ours, sent first
-            if moved > conn.counted_up:
-                up += moved - conn.counted_up
-                conn.counted_up = moved
-            moved = relay.down.moved
-            if moved > conn.counted_down:
-                down += moved - conn.counted_down
-                conn.counted_down = moved
+            more_up, more_down = conn.uncounted(relay.up.moved, relay.down.moved)
+            up += more_up
+            down += more_down
+        for conn, counts in self.streams.items():
+            more_up, more_down = conn.uncounted(counts.up, counts.down)
+            up += more_up
+            down += more_down
         if up:
             self._m_up.inc(up)
         if down:
             self._m_down.inc(down)
-        return bool(self.relays)
+        return bool(self.relays or self.streams)
 
     def _conn_info(self, src: str, sni: str | None, alpn: tuple) -> ConnInfo:
         """The routing facts of a connection; equal facts share one (frozen) object,

@@ -67,9 +67,11 @@ def serve_terminated(proxy, snap, client, addr, conn, decision, initial: bytes, 
     stats.backend = member.id
     try:
         header = proxy_header(member.spec.send_proxy, client, addr)
+        stats.header = len(header)
         result = relay_streams(stream, upstream, initial_up=header,
                                idle_timeout=server.timeouts.idle,
-                               buffer_size=server.buffer_size)
+                               buffer_size=server.buffer_size,
+                               watch=proxy.watch_stream(stats))
         stats.up, stats.down, stats.end = (result.bytes_up - len(header), result.bytes_down,
                                            result.end)
         if result.end == "reset":

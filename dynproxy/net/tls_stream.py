@@ -217,16 +217,21 @@ class _Pair:
 
 
 def relay_streams(client, upstream, *, initial_up: bytes = b"",
-                  idle_timeout: float | None = 300.0, buffer_size: int = 65536) -> RelayResult:
+                  idle_timeout: float | None = 300.0, buffer_size: int = 65536,
+                  watch=None) -> RelayResult:
     """Relay between two connected socket-likes (TlsStream or plain) until both sides
     closed, one reset, or `idle_timeout` passed with no byte moved; close both.
 
     Same meaning of the result as relay.relay(). EOF from one side becomes shutdown
     (SHUT_WR: close_notify + FIN for TLS) on the other; a failure in either direction
     ends both (the sockets are closed, which wakes the other direction). One timer per
-    relay watches for idleness (no timeout object per read).
+    relay watches for idleness (no timeout object per read). `watch(counts)`, if given,
+    is called once at the start with an object whose `up` and `down` are the bytes
+    moved so far (initial_up included), for a caller that reports them while open.
     """
     pair = _Pair((client, upstream))
+    if watch is not None:
+        watch(pair)
     down = ticker = None
     try:
         client.settimeout(None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 
 import gevent
 import pytest
@@ -145,3 +146,28 @@ def test_a_connection_that_gets_no_pipe_copies_instead_and_is_counted(site, monk
         len(data), len(GREETING) + len(data), "closed")
     assert PIPES.created == created and PIPES.lent == 0
     assert s.value("proxy_errors_total", reason="fd_limit") >= 1
+
+
+def test_bytes_of_an_open_tls_terminated_connection_are_counted_while_it_lasts(
+        in_process, backends, tls_certs):
+    web = backends("web")
+    default = tls_certs["default"]
+    s = in_process(f"backend web {web.address}\ndefault -> terminate tls then forward(web)\n",
+                   CONFIG + f"tls:\n  cert_path: {default.cert_path}\n"
+                            f"  key_path: {default.key_path}\n")
+    s.tcp()
+    ctx = ssl.create_default_context(cafile=str(tls_certs["ca"].cert_path))
+    ctx.check_hostname = False
+    with ctx.wrap_socket(s.connect(timeout=10), server_hostname="any.example.org") as tls:
+        assert recv_exactly(tls, len(GREETING)) == GREETING
+        data = os.urandom(100_000)
+        echo(tls, data)
+        # plaintext bytes, while the connection is open and relayed in its greenlet
+        s.wait_until(lambda: counted_bytes(s) == (len(data), len(GREETING) + len(data)))
+        assert s.access_lines() == []
+        echo(tls, b"more")
+    s.wait_until(lambda: s.access_lines())
+    [line] = s.access_lines()
+    assert counted_bytes(s) == (line["bytes_up"], line["bytes_down"]) == \
+        (len(data) + 4, len(GREETING) + len(data) + 4)  # nothing counted twice
+    assert s.proxy.streams == {}
