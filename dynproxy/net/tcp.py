@@ -32,11 +32,11 @@ from dynproxy.core.proxyproto import encode_v1, encode_v2
 from dynproxy.core.router import ConnInfo
 from dynproxy.net.dial import DialFailed, dial_raw, wait_ready
 from dynproxy.net.relay import Relay
-from dynproxy.net.relay_flows import READ
 from dynproxy.net.relay_pools import PIPES, WATCHERS
 from dynproxy.net.routing import route_facts
 from dynproxy.net.state import Serving
 from dynproxy.net.tcp_accept import Acceptor
+from dynproxy.net.tcp_conn import ConnStats
 from dynproxy.net.tcp_listen import BindError, connection_budget, open_tcp_listener
 from dynproxy.net.tls_stream import TlsStream, relay_streams
 from dynproxy.obs.log import ACCESS_LINES, json_text, log_once_per
@@ -52,76 +52,6 @@ _TLS_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello record
 _PEEK_VIEW = memoryview(bytearray(PEEK_MAX))
 _JSON_CACHE_MAX = 4096
 _INFO_CACHE_MAX = 4096
-
-
-class ConnStats:
-    """One connection: its sockets until the relay owns them, and what the access log
-    and metrics report about it (terminate.py fills in end, backend, up, down).
-    `counted_up`/`counted_down`: bytes already added to the byte counters while open."""
-
-    __slots__ = ("proxy", "sock", "addr", "reader", "upstream", "member", "relay", "start",
-                 "sni", "alpn", "rule", "backend", "header", "up", "down", "end",
-                 "counted_up", "counted_down")
-
-    def __init__(self, proxy: TcpProxy, sock, addr) -> None:
-        self.proxy, self.sock, self.addr = proxy, sock, addr
-        self.start = time.monotonic()
-        self.reader = self.upstream = self.member = self.relay = None
-        self.sni = self.rule = self.backend = None
-        self.alpn = ()
-        self.header = self.up = self.down = self.counted_up = self.counted_down = 0
-        self.end = "closed"
-
-    def uncounted(self, moved_up: int, moved_down: int) -> tuple[int, int]:
-        """Bytes moved since the last count, now counted (the PROXY header, which the
-        proxy sent first, is not the client's)."""
-        up = moved_up - self.header - self.counted_up
-        down = moved_down - self.counted_down
-        up = up if up > 0 else 0
-        down = down if down > 0 else 0
-        self.counted_up += up
-        self.counted_down += down
-        return up, down
-
-    def reader_watcher(self):
-        reader = self.reader
-        if reader is None:
-            reader = self.reader = WATCHERS.take(self.proxy.loop, self.sock.fileno(), READ)
-        return reader
-
-    def close(self) -> None:
-        """Close what the relay did not take over (the handshake ended early)."""
-        if self.reader is not None:
-            WATCHERS.give(self.reader)
-            self.reader = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        self.sock.close()
-
-    def __call__(self) -> None:
-        """Close this connection now (its backend left Redis with redis.close_removed on;
-        it is one of `member.connections`): a relay in the hub ends at once, one in a
-        worker greenlet (TLS to the backend) fails on its closed socket and ends."""
-        relay = self.relay
-        if relay is not None:
-            relay.abort()
-            self.relayed(relay)
-        else:
-            self.sock.close()
-
-    def relayed(self, relay: Relay) -> None:
-        """The relay ended (it closed both sockets): report, free the slot."""
-        proxy = self.proxy
-        self.relay = None  # relay -> on_done -> us -> relay: no cycle left behind
-        try:
-            proxy.relays.discard(self)
-            self.up = max(0, relay.up.moved - self.header)  # the header is ours
-            self.down, self.end = relay.down.moved, relay.end
-            if relay.end == "reset":
-                proxy.metrics.errors_total.labels("reset").inc()
-        finally:
-            proxy.finish(self)
 
 
 class TcpProxy:
