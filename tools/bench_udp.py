@@ -137,7 +137,8 @@ def run_proxy(echo_port: int) -> None:
     from dynproxy.core.topology import Topology
     from dynproxy.lang import load_text
     from dynproxy.net.state import Serving, Snapshot
-    from dynproxy.net.udp import UdpProxy, open_udp_socket
+    from dynproxy.net.udp import UdpProxy
+    from dynproxy.net.udp_listen import open_udp_socket
     from dynproxy.obs.log import setup_logging
     from dynproxy.obs.metrics import init_metrics
 

@@ -33,7 +33,6 @@ from dynproxy.core.udp_sessions import SessionTable
 from dynproxy.net.dial import DialFailed, _hash_key, new_socket, report_health, resolve
 from dynproxy.net.routing import route
 from dynproxy.net.state import Serving
-from dynproxy.net.tcp import BindError
 from dynproxy.obs.log import access_log, log_once_per
 from dynproxy.obs.metrics_batch import Sampler
 
@@ -407,24 +406,3 @@ class UdpProxy:
 
 def _last_active(sess: UdpSession) -> float:
     return sess.last
-
-
-def open_udp_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound, non-blocking UDP socket; IPv6 literals get an AF_INET6 socket (v6 only).
-
-    No SO_REUSEADDR: for UDP it would let a second process bind the same port and
-    silently take its datagrams, hiding the "port in use" error.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host or "0.0.0.0", port))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise BindError("udp", host, port, exc) from None
-    return sock

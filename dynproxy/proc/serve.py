@@ -19,7 +19,8 @@ from gevent.pool import Group
 from dynproxy.net.state import Serving, Snapshot
 from dynproxy.net.tcp import TcpProxy, open_tcp_listener
 from dynproxy.net.tls_watch import CertWatcher
-from dynproxy.net.udp import UdpProxy, open_udp_socket
+from dynproxy.net.udp import UdpProxy
+from dynproxy.net.udp_listen import open_udp_socket
 
 log = logging.getLogger("dynproxy.serve")
 

@@ -24,7 +24,8 @@ import pytest  # noqa: E402
 
 from dynproxy.net.state import Serving  # noqa: E402
 from dynproxy.net.tcp import TcpProxy, open_tcp_listener  # noqa: E402
-from dynproxy.net.udp import UdpProxy, open_udp_socket  # noqa: E402
+from dynproxy.net.udp import UdpProxy  # noqa: E402
+from dynproxy.net.udp_listen import open_udp_socket  # noqa: E402
 from dynproxy.obs import log as obs_log  # noqa: E402
 from dynproxy.obs.metrics import init_metrics  # noqa: E402
 from dynproxy.proc.build import Sources, build_snapshot  # noqa: E402

@@ -20,7 +20,8 @@ from dynproxy.core.topology import Topology
 from dynproxy.lang import load_text
 from dynproxy.net.state import Serving, Snapshot
 from dynproxy.net.tcp import BindError
-from dynproxy.net.udp import UdpProxy, open_udp_socket
+from dynproxy.net.udp import UdpProxy
+from dynproxy.net.udp_listen import open_udp_socket
 from dynproxy.obs.metrics import init_metrics
 
 CONFIG = load_config(None)
