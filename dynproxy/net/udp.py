@@ -4,7 +4,7 @@ The first datagram from a client address is routed (rules, plugins, balancer) an
 gets a connected upstream socket of its own; later datagrams from that address go to
 it, and everything the upstream sends back goes to the client through the listener
 socket (any number of replies per datagram). A session ends when idle longer than
-the listener's `session_idle` (end "idle"), when the table is full and it is the least
+the listener's `session_idle` (end "timeout", as a TCP idle timeout), when the table is full and it is the least
 recently active (end "evicted"), when the upstream refuses (ICMP port unreachable: a
 passive health failure), or at shutdown; each end writes one access-log line and adds
 the session's counts to the metrics. A first datagram for which no upstream socket
@@ -351,7 +351,7 @@ class UdpProxy:
             if sess.last >= deadline:
                 still_active.append(sess)
             else:
-                self._close(sess, "idle")
+                self._close(sess, "timeout")
         still_active.sort(key=_last_active)
         for sess in still_active:
             self._table.add(sess.addr, sess, sess.last)

@@ -6,7 +6,8 @@ come out in the same format). Extra fields given with `extra=` become JSON keys.
 `access_log` writes exactly one JSON line per connection or UDP session to the
 `dynproxy.access` logger, whatever the format of the other lines and whatever the
 general log level (it is switched off only by `setup_logging(access=False)`).
-Every JSON line, access or not, carries its time under the same key, `ts`.
+Every JSON line, access or not, carries its time under the same key, `time` (the
+access line's field name in the issue that specified it).
 `ACCESS_LINES` is the TCP hot path's way to the same lines: `tcp_line` formats one with
 an f-string (the constant parts JSON-encoded once, by the caller) and queues it, and
 `flush` writes the queue with one write, once per event-loop iteration.
@@ -44,7 +45,7 @@ __all__ = [
 
 ACCESS_LOGGER = "dynproxy.access"
 END_REASONS = frozenset({"closed", "reset", "timeout", "rejected", "no_backend",
-                         "connect_failed", "error", "tls_failed", "idle", "evicted",
+                         "connect_failed", "error", "tls_failed", "evicted",
                          "fd_limit"})
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -93,12 +94,12 @@ def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, then any extra fields."""
+    """One JSON object per line: time, level, logger, msg, then any extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == ACCESS_LOGGER:
             return record.getMessage()  # already one JSON line
-        out = {"ts": format_ts(record.created), "level": record.levelname.lower(),
+        out = {"time": format_ts(record.created), "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
         out.update(_extra_fields(record))
         if record.exc_info:
@@ -109,7 +110,7 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`ts LEVEL logger: msg key=value ...` for people reading a terminal."""
+    """`time LEVEL logger: msg key=value ...` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.name == ACCESS_LOGGER:
@@ -184,7 +185,7 @@ def access_log(*, client: str, listener: str, proto: str, sni: str | None,
         return
     if end not in END_REASONS:
         raise ValueError(f"access_log end={end!r}; expected one of {sorted(END_REASONS)!r}")
-    line = {"ts": format_ts(time.time() if time_s is None else time_s),
+    line = {"time": format_ts(time.time() if time_s is None else time_s),
             "logger": ACCESS_LOGGER, "client": client, "listener": listener,
             "proto": proto, "sni": sni, "rule": rule, "backend": backend,
             "bytes_up": bytes_up, "bytes_down": bytes_down,
@@ -239,7 +240,7 @@ class AccessLines:
         if second != cached:
             prefix = _clock_text.prefix(second)
         self._pending.append(
-            f'{{"ts": "{prefix}.{int((wall - second) * 1000):03d}Z", '
+            f'{{"time": "{prefix}.{int((wall - second) * 1000):03d}Z", '
             f'"logger": "{ACCESS_LOGGER}", '
             f'"client": "{client}", "listener": {listener_json}, "proto": "tcp", '
             f'"sni": {sni_json}, "rule": {rule_json}, "backend": {backend_json}, '

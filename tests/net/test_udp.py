@@ -213,11 +213,11 @@ def test_idle_session_expires_frees_the_member_and_logs(h, access):
     assert wait_until(lambda: proxy.sessions == 0)
     assert member(proxy, "a").active == 0
     [line] = access()
-    assert line["end"] == "idle" and line["proto"] == "udp" and line["listener"] == "test"
+    assert line["end"] == "timeout" and line["proto"] == "udp" and line["listener"] == "test"
     assert (line["backend"], line["rule"]) == ("a", "<test>:2")
     assert (line["bytes_up"], line["bytes_down"]) == (5, 7)
     assert (line["datagrams_up"], line["datagrams_down"]) == (1, 1)
-    assert sample(proxy, "proxy_requests_total", proto="udp", result="idle") == 1
+    assert sample(proxy, "proxy_requests_total", proto="udp", result="timeout") == 1
     assert sample(proxy, "proxy_bytes_transferred_total", direction="up", proto="udp") == 5
     assert sample(proxy, "proxy_bytes_transferred_total", direction="down", proto="udp") == 7
     assert sample(proxy, "proxy_udp_sessions", listener="test") == 0

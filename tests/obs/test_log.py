@@ -44,14 +44,14 @@ def lines(buf: io.StringIO) -> list[str]:
     return buf.getvalue().splitlines()
 
 
-def test_json_line_has_ts_level_logger_msg_and_extra_fields(capture):
+def test_json_line_has_time_level_logger_msg_and_extra_fields(capture):
     configure, buf = capture
     configure()
     logging.getLogger("dynproxy.test").warning("backend %s down", "web-1",
                                                extra={"pool": "web", "fails": 3})
     (line,) = lines(buf)
     record = json.loads(line)
-    assert TS.match(record.pop("ts"))
+    assert TS.match(record.pop("time"))
     assert record == {"level": "warning", "logger": "dynproxy.test", "msg": "backend web-1 down",
                       "pool": "web", "fails": 3}
 
@@ -109,7 +109,7 @@ def test_access_log_writes_one_json_line_with_every_field(capture):
     access_log(**ACCESS_FIELDS, time_s=0.25, worker=2)
     (line,) = lines(buf)
     record = json.loads(line)
-    expected = dict(ACCESS_FIELDS, duration_ms=12.346, ts="1970-01-01T00:00:00.250Z",
+    expected = dict(ACCESS_FIELDS, duration_ms=12.346, time="1970-01-01T00:00:00.250Z",
                     logger="dynproxy.access", worker=2)
     assert record == expected
 
@@ -131,10 +131,10 @@ def test_access_log_is_json_in_text_mode_too(capture):
     access_log(**dict(ACCESS_FIELDS, sni=None, backend=None, end="no_backend"))
     record = json.loads(lines(buf)[0])
     assert (record["sni"], record["backend"], record["end"]) == (None, None, "no_backend")
-    assert TS.match(record["ts"])
+    assert TS.match(record["time"])
 
 
-def test_every_json_line_carries_its_time_under_ts(capture):
+def test_every_json_line_carries_its_time_under_time(capture):
     configure, buf = capture
     configure()
     logging.getLogger("dynproxy.test").info("started")
@@ -146,7 +146,7 @@ def test_every_json_line_carries_its_time_under_ts(capture):
     records = [json.loads(x) for x in lines(buf)]
     assert len(records) == 3
     for record in records:
-        assert TS.match(record["ts"]) and "time" not in record, record
+        assert TS.match(record["time"]) and "ts" not in record, record
 
 
 def test_access_log_can_be_switched_off(capture):

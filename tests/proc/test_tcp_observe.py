@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-ACCESS_FIELDS = {"ts", "logger", "client", "listener", "proto", "sni", "rule", "backend",
+ACCESS_FIELDS = {"time", "logger", "client", "listener", "proto", "sni", "rule", "backend",
                  "bytes_up", "bytes_down", "duration_ms", "end"}
 
 
@@ -82,7 +82,7 @@ def test_access_log_has_one_line_per_connection_with_every_field(traffic):
         (_, client_port), (_, port) = conn[0]
         found = by_ends[(f"127.0.0.1:{client_port}", f"tcp:127.0.0.1:{port}")]
         assert ACCESS_FIELDS <= set(found), found
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", found["ts"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", found["time"])
         assert found["proto"] == "tcp" and found["duration_ms"] >= 0
         return {k: found[k] for k in ("listener", "sni", "rule", "backend", "bytes_up",
                                       "bytes_down", "end")}
@@ -102,15 +102,15 @@ def test_access_log_has_one_line_per_connection_with_every_field(traffic):
                                 end="connect_failed")
 
 
-def test_every_log_line_master_worker_or_access_carries_its_time_as_ts(traffic):
+def test_every_log_line_master_worker_or_access_carries_its_time_as_time(traffic):
     text = traffic.proxy.logs()
     records = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()
                if x.startswith("{")]
     loggers = {r.get("logger") for r in records}
     assert "dynproxy.access" in loggers and len(loggers) > 1, loggers
     for record in records:
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"]), record
-        assert "time" not in record, record
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"]), record
+        assert "ts" not in record, record
 
 
 def test_metrics_count_the_traffic_exactly(traffic):
