@@ -106,6 +106,8 @@ class TcpProxy:
             if relay is not None:
                 relay.abort(reset=True)
                 conn.relayed(relay)
+        for counts in self.streams.values():  # relayed in workers: reset when they die
+            counts.reset_on_close()
         self._open_bytes.stop()
         self.acceptor.kill_workers(timeout)
         self.metrics.batch.flush()

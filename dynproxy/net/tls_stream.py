@@ -215,6 +215,15 @@ class _Pair:
         self.ends = ends  # (client, upstream)
         self.seen = self.quiet = 0  # bytes moved at the last idle tick; quiet ticks since
 
+    def reset_on_close(self) -> None:
+        """Make both sockets' close send RST, not FIN (the relay is being cut: a fast
+        stop, or the drain timeout), so neither peer takes the cut for a clean end."""
+        for sock in self.ends:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+            except OSError:
+                pass
+
 
 def relay_streams(client, upstream, *, initial_up: bytes = b"",
                   idle_timeout: float | None = 300.0, buffer_size: int = 65536,

@@ -84,3 +84,26 @@ def test_a_connection_open_past_the_drain_timeout_is_reset(proxy, scripted_backe
     assert sum(r["connections"] for r in records) == 3
     assert all("the drain timeout (0.5s) passed: closing" in r["msg"] for r in records)
     assert all("reset (RST)" in r["msg"] for r in records)
+
+
+def test_a_reencrypted_connection_open_past_the_drain_timeout_is_reset_too(
+        proxy, tls_backend, tls_certs):
+    # relayed in a worker greenlet (TLS towards the backend), not in the hub
+    secure = tls_backend("secure", "exact")  # presents api.example.com
+    ca = tls_certs["ca"].cert_path
+    p = proxy(f'backend secure {secure.address} tls ca "{ca}" servername "api.example.com"\n'
+              "default -> forward(secure)\n",
+              config="shutdown:\n  drain_timeout: 0.5s\n", udp=False)
+    with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10) as sock:
+        got = b""
+        while not got.endswith(b"\n"):
+            got += sock.recv(100)
+        assert got == b"backend=secure\n"
+        sock.sendall(b"ping")
+        assert sock.recv(100) == b"ping"  # in flight: the backend echoes
+        began = time.monotonic()
+        p.signal(signal.SIGTERM)
+        assert read_until_end(sock) == (b"", "reset")
+    assert time.monotonic() - began >= 0.4  # cut by the drain timeout, not at once
+    assert p.proc.wait(10) == 0
+    assert sum(r["connections"] for r in cut_records(p)) == 1
