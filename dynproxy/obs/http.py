@@ -149,12 +149,16 @@ class WithMemberHealth:
 
 
 def start_http(bind: tuple[str, int], metrics: Metrics | None, state_fn: Callable[[], str],
-               backends_fn: Callable[[], Any] | None = None) -> WSGIServer:
+               backends_fn: Callable[[], Any] | None = None,
+               holder_of: Callable[[str, int], tuple[int, str] | None] | None = None,
+               ) -> WSGIServer:
     """Listen on `bind` (IPv4 or IPv6 host, port; port 0 picks one) and serve in the
     current gevent hub. Returns the started server: `.server_port` is the bound port,
     `.stop(timeout)` stops it. /metrics is absent when `metrics` is None, /backends
-    when `backends_fn` is None."""
-    listener = _listen(bind)
+    when `backends_fn` is None. `holder_of(proto, port)` -> (pid, command line) or None
+    names the process holding a taken port in the error (proc/ports.holder_of; obs does
+    not import proc)."""
+    listener = _listen(bind, holder_of)
     app = MonitoringApp(metrics, state_fn, backends_fn)
     server = WSGIServer(listener, app, log=None, error_log=log, spawn=Pool(MAX_CLIENTS))
     server.start()
@@ -169,7 +173,7 @@ class EndpointBindError(OSError):
         return self.strerror
 
 
-def _listen(bind: tuple[str, int]) -> socket.socket:
+def _listen(bind: tuple[str, int], holder_of=None) -> socket.socket:
     host, port = bind[0].strip("[]"), bind[1]
     family = _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
     sock = socket.socket(family, _stdsocket.SOCK_STREAM)
@@ -179,7 +183,10 @@ def _listen(bind: tuple[str, int]) -> socket.socket:
         sock.listen(128)
     except OSError as err:
         sock.close()
-        raise EndpointBindError(err.errno, bind_failure(host, port, err)) from err
+        holder = None
+        if holder_of is not None and err.errno == errno.EADDRINUSE:
+            holder = holder_of("tcp", port)
+        raise EndpointBindError(err.errno, bind_failure(host, port, err, holder)) from err
     return sock
 
 
@@ -187,12 +194,15 @@ ELSEWHERE = ("choose another address (--metrics-bind HOST:PORT, or monitoring.me
              "in the config), or turn the endpoint off (monitoring.enable_metrics: false)")
 
 
-def bind_failure(host: str, port: int, err: OSError) -> str:
-    """Why the endpoint cannot listen on host:port, and what the operator can do."""
+def bind_failure(host: str, port: int, err: OSError,
+                 holder: tuple[int, str] | None = None) -> str:
+    """Why the endpoint cannot listen on host:port, and what the operator can do;
+    `holder`: (pid, command line) of the process holding the port, when known."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     head = f"cannot serve /metrics, /healthz and /backends on {shown}"
     if err.errno == errno.EADDRINUSE:
-        return (f"{head}: the address is already in use by another process "
+        who = "another process" if holder is None else f"pid {holder[0]} ({holder[1]})"
+        return (f"{head}: the address is already in use by {who} "
                 f"(`ss -ltnp 'sport = :{port}'` shows which); stop that process, {ELSEWHERE}")
     if err.errno == errno.EACCES:
         return (f"{head}: permission denied (ports below 1024 need privileges); {ELSEWHERE}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from dynproxy.obs.http import start_http
+from dynproxy.proc.ports import holder_of
 from dynproxy.proc.startup import StartError
 
 log = logging.getLogger("dynproxy.master")
@@ -45,7 +46,8 @@ class Monitoring:
 
     def _start(self, bind: tuple[str, int]):
         master = self.master
-        return start_http(bind, master.metrics, lambda: master.state, self.backends_view)
+        return start_http(bind, master.metrics, lambda: master.state, self.backends_view,
+                          holder_of=holder_of)
 
     def backends_view(self) -> dict:
         """The master's topology (it runs the health checks and Redis watcher) with the
