@@ -109,7 +109,9 @@ class Server:
         everything as it was); listeners it no longer names stop accepting and finish
         their connections; the others keep their sockets, connections and sessions."""
         tcp, udp = self._open_missing(snapshot)
+        before = self.serving.current.topology
         self.serving.swap(snapshot)
+        _fresh_health_series(before, snapshot.topology, self.metrics)
         for proxy in [*tcp.values(), *udp.values()]:
             proxy.start()
         self.tcp.update(tcp)
@@ -195,3 +197,14 @@ def _close_when_idle(proxy: UdpProxy) -> None:
 def listener_name(proto: str, host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else (host or "0.0.0.0")
     return f"{proto}:{shown}:{port}"
+
+
+def _fresh_health_series(before, after, metrics) -> None:
+    """A member a reload adds to a pool (or brings back) starts with its state now: its
+    proxy_backend_health series must not keep the value of an earlier life (a worker's
+    multiprocess file cannot forget a series, only overwrite it)."""
+    had = {(name, m.id) for name, pool in before.pools.items() for m in pool.members}
+    for name, pool in after.pools.items():
+        for member in pool.members:
+            if (name, member.id) not in had:
+                metrics.backend_health.labels(name, member.id).set(int(member.health.up))

@@ -70,3 +70,28 @@ def test_every_member_has_a_series_and_a_member_that_leaves_loses_it(proxy, back
     p.signal(signal.SIGHUP)
     wait_series(p, {("web", "a"): 1, ("-", "b"): 1, ("checked", "c"): 1, ("-", "solo"): 1})
     assert 'backend="dead"' not in p.metrics()  # not even under another label
+
+
+def test_a_member_a_reload_brings_back_starts_up_not_with_its_old_value(proxy, backends,
+                                                                       proxy_config):
+    a, b, c, solo = (backends(n) for n in ("a", "b", "c", "solo"))
+    dead = dead_address()
+    config = proxy_config() + "health:\n  passive_fall: 1\n"
+    p = proxy(rules(a, b, c, solo, dead), config=config, udp=False,
+              extra_args=("--workers", "2"))
+    deadline = time.monotonic() + WAIT  # both workers find `dead` refusing: 0
+    while health_series(p).get(("web", "dead")) != 0 and time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=5) as conn:
+            conn.makefile("rb").readline()
+    for _ in range(20):  # and more, so that every worker has seen it refuse
+        with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=5) as conn:
+            conn.makefile("rb").readline()
+    assert health_series(p)[("web", "dead")] == 0
+
+    p.rules_path.write_text(rules(a, b, c, solo, None))  # dead leaves web ...
+    p.signal(signal.SIGHUP)
+    wait_series(p, {("web", "a"): 1, ("web", "b"): 1, ("checked", "c"): 1, ("-", "solo"): 1})
+    p.rules_path.write_text(rules(a, b, c, solo, dead))  # ... and comes back, a new member
+    p.signal(signal.SIGHUP)
+    wait_series(p, {("web", "a"): 1, ("web", "b"): 1, ("web", "dead"): 1,
+                    ("checked", "c"): 1, ("-", "solo"): 1})
