@@ -107,11 +107,11 @@ def test_many_open_connections_are_each_counted_once(site):
     for sock in socks:
         assert recv_exactly(sock, len(GREETING)) == GREETING
     sizes = [1000 * (i + 1) for i in range(len(socks))]
-    for sock, size in zip(socks, sizes):
+    for sock, size in zip(socks, sizes, strict=True):
         echo(sock, b"z" * size)
     total = sum(sizes)
     s.wait_until(lambda: counted_bytes(s) == (total, len(GREETING) * len(socks) + total))
-    for sock, size in zip(socks[::2], sizes[::2]):  # half of them move more, then close
+    for sock, size in zip(socks[::2], sizes[::2], strict=True):  # half of them move more, then close
         echo(sock, b"y" * size)
         sock.close()
     total += sum(sizes[::2])
