@@ -100,14 +100,16 @@ class TcpProxy:
     def kill_all(self, timeout: float = 1.0) -> None:
         """End every connection now (a fast stop, or what outlived the drain), then push
         the metrics and log lines. Relayed connections are cut with RST (SO_LINGER 0),
-        not FIN, on both sides: a peer must not take a cut stream for a complete one."""
+        not FIN, on both sides: a peer must not take a cut stream for a complete one.
+        Their access lines and proxy_requests_total say `shutdown`."""
         for conn in list(self.relays):
             relay = conn.relay
             if relay is not None:
-                relay.abort(reset=True)
+                relay.abort("shutdown", reset=True)
                 conn.relayed(relay)
-        for counts in self.streams.values():  # relayed in workers: reset when they die
+        for conn, counts in self.streams.items():  # relayed in workers: reset as they die
             counts.reset_on_close()
+            conn.end = "shutdown"
         self._open_bytes.stop()
         self.acceptor.kill_workers(timeout)
         self.metrics.batch.flush()

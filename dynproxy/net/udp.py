@@ -119,7 +119,7 @@ class UdpProxy:
         gevent.killall(self._greenlets, timeout=timeout)
         self._open_bytes.stop()
         for _, sess in self._table.pop_all():
-            self._close(sess, "closed", "shutdown")
+            self._close(sess, "shutdown")
         self._refused.clear()
         self._owner.close()
 

@@ -45,7 +45,7 @@ __all__ = [
 
 ACCESS_LOGGER = "dynproxy.access"
 END_REASONS = frozenset({"closed", "reset", "timeout", "rejected", "no_backend",
-                         "connect_failed", "error", "tls_failed", "evicted",
+                         "connect_failed", "error", "tls_failed", "evicted", "shutdown",
                          "fd_limit"})
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}

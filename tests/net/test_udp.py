@@ -270,7 +270,8 @@ def test_stop_accepting_keeps_sessions_and_kill_all_ends_them(h, access):
     assert proxy.sessions == 1
     proxy.kill_all()
     assert proxy.sessions == 0 and member(proxy, "a").active == 0
-    assert [line["detail"] for line in access()] == ["shutdown"]
+    assert [line["end"] for line in access()] == ["shutdown"]
+    assert sample(proxy, "proxy_requests_total", proto="udp", result="shutdown") == 1
 
 
 # refusals and failures -----------------------------------------------------------------------

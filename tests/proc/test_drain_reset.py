@@ -87,7 +87,7 @@ def test_a_connection_open_past_the_drain_timeout_is_reset(proxy, scripted_backe
 
 
 def test_a_reencrypted_connection_open_past_the_drain_timeout_is_reset_too(
-        proxy, tls_backend, tls_certs):
+        proxy, tls_backend, tls_certs, testkit):
     # relayed in a worker greenlet (TLS towards the backend), not in the hub
     secure = tls_backend("secure", "exact")  # presents api.example.com
     ca = tls_certs["ca"].cert_path
@@ -95,6 +95,7 @@ def test_a_reencrypted_connection_open_past_the_drain_timeout_is_reset_too(
               "default -> forward(secure)\n",
               config="shutdown:\n  drain_timeout: 0.5s\n", udp=False)
     with socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10) as sock:
+        ends = sock.getsockname(), sock.getpeername()
         got = b""
         while not got.endswith(b"\n"):
             got += sock.recv(100)
@@ -107,3 +108,4 @@ def test_a_reencrypted_connection_open_past_the_drain_timeout_is_reset_too(
     assert time.monotonic() - began >= 0.4  # cut by the drain timeout, not at once
     assert p.proc.wait(10) == 0
     assert sum(r["connections"] for r in cut_records(p)) == 1
+    assert testkit.access_line_of(p, ends)["end"] == "shutdown"  # not "closed"
