@@ -222,16 +222,6 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> socket.
     return s
 
 
-def read_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 @pytest.fixture
 def env_pythonpath():
     return {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -22,6 +22,8 @@ from gevent.monkey import get_original
 from dynproxy.net import relay as relay_mod
 from dynproxy.net.relay import BUFFERS, PIPES, BufferPool, PipePool, RelayResult, relay
 
+from sockio import recv_to_eof
+
 MODES = [pytest.param(True, id="splice"), pytest.param(False, id="copy")]
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411  # bytes queued to read / not yet sent by a socket
 LINGER_ABORT = struct.pack("ii", 1, 0)
@@ -78,13 +80,6 @@ class Pair:
         self.server_end.close()
 
 
-def recv_all(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while chunk := sock.recv(1 << 20):
-        out += chunk
-    return bytes(out)
-
-
 def send_then_shut(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
@@ -126,8 +121,8 @@ def test_10mb_each_way_is_byte_exact(use_splice):
     job = pair.spawn(use_splice=use_splice)
     senders = [gevent.spawn(send_then_shut, pair.client_end, up_data),
                gevent.spawn(send_then_shut, pair.server_end, down_data)]
-    at_server = gevent.spawn(recv_all, pair.server_end)
-    at_client = gevent.spawn(recv_all, pair.client_end)
+    at_server = gevent.spawn(recv_to_eof, pair.server_end)
+    at_client = gevent.spawn(recv_to_eof, pair.client_end)
     gevent.joinall([*senders, at_server, at_client], raise_error=True)
     result = job.get(timeout=10)
     assert digest(at_server.value) == digest(up_data)
@@ -144,8 +139,8 @@ def test_stdlib_sockets_relay_too(use_splice):
     job = pair.spawn(use_splice=use_splice)
     gevent.spawn(send_then_shut, pair.client_end, up_data)
     gevent.spawn(send_then_shut, pair.server_end, down_data)
-    assert recv_all(pair.server_end) == up_data
-    assert recv_all(pair.client_end) == down_data
+    assert recv_to_eof(pair.server_end) == up_data
+    assert recv_to_eof(pair.client_end) == down_data
     assert job.get(timeout=10) == RelayResult(1 << 20, 1 << 20, "closed", job.value.ended_by)
     assert pair.proxy_client.fileno() == pair.proxy_upstream.fileno() == -1
     pair.close_ends()
@@ -156,9 +151,9 @@ def test_initial_bytes_go_upstream_first_and_count(use_splice):
     pair = Pair()
     job = pair.spawn(initial_up=b"\x16\x03\x01peeked", use_splice=use_splice)
     send_then_shut(pair.client_end, b"-rest")
-    assert recv_all(pair.server_end) == b"\x16\x03\x01peeked-rest"
+    assert recv_to_eof(pair.server_end) == b"\x16\x03\x01peeked-rest"
     pair.server_end.shutdown(socket.SHUT_WR)
-    assert recv_all(pair.client_end) == b""
+    assert recv_to_eof(pair.client_end) == b""
     assert job.get(timeout=10) == RelayResult(14, 0, "closed", "client")
     pair.close_ends()
 
@@ -171,7 +166,7 @@ def test_initial_bytes_larger_than_the_socket_buffers_wait_for_upstream(use_spli
     gevent.spawn(send_then_shut, pair.client_end, rest)
     gevent.sleep(0.05)  # upstream is not reading yet: the send of `initial` was partial
     assert not job.ready()
-    assert digest(recv_all(pair.server_end)) == digest(initial + rest)
+    assert digest(recv_to_eof(pair.server_end)) == digest(initial + rest)
     pair.server_end.shutdown(socket.SHUT_WR)
     assert job.get(timeout=10) == RelayResult(5 << 20, 0, "closed", "client")
     pair.close_ends()
@@ -182,10 +177,10 @@ def test_client_half_close_still_gets_the_late_reply(use_splice):
     pair = Pair()
     job = pair.spawn(use_splice=use_splice)
     send_then_shut(pair.client_end, b"request")
-    assert recv_all(pair.server_end) == b"request"  # EOF reached the server
+    assert recv_to_eof(pair.server_end) == b"request"  # EOF reached the server
     gevent.sleep(0.05)  # the reply comes well after the client's half-close
     send_then_shut(pair.server_end, b"late reply")
-    assert recv_all(pair.client_end) == b"late reply"
+    assert recv_to_eof(pair.client_end) == b"late reply"
     assert job.get(timeout=10) == RelayResult(7, 10, "closed", "client")
     assert pair.proxy_client.fileno() == pair.proxy_upstream.fileno() == -1
     pair.close_ends()
@@ -196,10 +191,10 @@ def test_upstream_half_close_still_gets_the_late_request(use_splice):
     pair = Pair()
     job = pair.spawn(use_splice=use_splice)
     send_then_shut(pair.server_end, b"banner")
-    assert recv_all(pair.client_end) == b"banner"
+    assert recv_to_eof(pair.client_end) == b"banner"
     gevent.sleep(0.05)
     send_then_shut(pair.client_end, b"late request")
-    assert recv_all(pair.server_end) == b"late request"
+    assert recv_to_eof(pair.server_end) == b"late request"
     assert job.get(timeout=10) == RelayResult(12, 6, "closed", "upstream")
     pair.close_ends()
 
@@ -229,7 +224,7 @@ def test_trickle_of_bytes_keeps_the_pair_alive(use_splice):
     assert not job.ready()
     result = job.get(timeout=10)
     assert result == RelayResult(12, 0, "timeout", "")
-    assert recv_all(pair.server_end) == b"x" * 12
+    assert recv_to_eof(pair.server_end) == b"x" * 12
     pair.close_ends()
 
 
@@ -332,7 +327,7 @@ def test_slow_reader_bounds_what_the_relay_holds(use_splice):
     assert 0 <= held_by_relay <= buffer_size
     assert sent[0] < len(data)  # the pusher is blocked: nothing buffers without bound
     assert PIPES.lent + BUFFERS.lent <= 1
-    received = recv_all(pair.client_end)
+    received = recv_to_eof(pair.client_end)
     pusher.get(timeout=10)
     assert digest(received) == digest(data)
     pair.client_end.shutdown(socket.SHUT_WR)
@@ -389,8 +384,8 @@ def test_200_concurrent_relays_are_byte_exact(use_splice):
         jobs.append(pair.spawn(use_splice=use_splice))
         gevent.spawn(send_then_shut, pair.client_end, up_data)
         gevent.spawn(send_then_shut, pair.server_end, down_data)
-        checks.append((gevent.spawn(recv_all, pair.server_end), up_data,
-                       gevent.spawn(recv_all, pair.client_end), down_data))
+        checks.append((gevent.spawn(recv_to_eof, pair.server_end), up_data,
+                       gevent.spawn(recv_to_eof, pair.client_end), down_data))
     for at_server, up_data, at_client, down_data in checks:
         assert at_server.get(timeout=30) == up_data
         assert at_client.get(timeout=30) == down_data
@@ -411,7 +406,7 @@ def test_pipe_pool_is_bounded_and_reused(monkeypatch):
         job = pair.spawn()
         send_then_shut(pair.client_end, b"x" * 1000)
         send_then_shut(pair.server_end, b"y" * 1000)
-        assert recv_all(pair.server_end) and recv_all(pair.client_end)
+        assert recv_to_eof(pair.server_end) and recv_to_eof(pair.client_end)
         assert job.get(timeout=10).end == "closed"
         pair.close_ends()
     assert PIPES.created - created == 1
@@ -421,7 +416,7 @@ def test_pipe_pool_is_bounded_and_reused(monkeypatch):
                for pair in stuck]
     wait_until(lambda: PIPES.lent == 10)  # each stalled relay holds one pipe
     for pair in stuck:
-        assert len(recv_all(pair.client_end)) == 1 << 20
+        assert len(recv_to_eof(pair.client_end)) == 1 << 20
         pair.client_end.shutdown(socket.SHUT_WR)
     gevent.joinall(pushers + jobs, raise_error=True)
     assert (PIPES.lent, len(PIPES)) == (0, 4)  # the other 6 were closed, not kept
@@ -470,9 +465,9 @@ def test_splice_refused_by_the_socket_falls_back_to_copy(monkeypatch):
     job = pair.spawn()
     data = os.urandom(1 << 20)
     gevent.spawn(send_then_shut, pair.client_end, data)
-    assert recv_all(pair.server_end) == data
+    assert recv_to_eof(pair.server_end) == data
     pair.server_end.shutdown(socket.SHUT_WR)
-    assert recv_all(pair.client_end) == b""
+    assert recv_to_eof(pair.client_end) == b""
     assert job.get(timeout=10) == RelayResult(len(data), 0, "closed", "client")
     pair.close_ends()
 
@@ -505,8 +500,8 @@ def test_no_pipe_for_lack_of_descriptors_copies_instead_and_logs_once(monkeypatc
     up, down = os.urandom(1 << 20), os.urandom(1 << 20)
     senders = [gevent.spawn(send_then_shut, pair.client_end, up),
                gevent.spawn(send_then_shut, pair.server_end, down)]
-    assert digest(recv_all(pair.server_end)) == digest(up)
-    assert digest(recv_all(pair.client_end)) == digest(down)
+    assert digest(recv_to_eof(pair.server_end)) == digest(up)
+    assert digest(recv_to_eof(pair.client_end)) == digest(down)
     gevent.joinall(senders, raise_error=True)
     result = job.get(timeout=10)
     assert (result.bytes_up, result.bytes_down, result.end) == (len(up), len(down), "closed")

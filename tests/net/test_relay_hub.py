@@ -16,6 +16,8 @@ from dynproxy.net import relay as relay_mod
 from dynproxy.net.relay import PIPES, WATCHERS, Relay
 from dynproxy.net.relay_flows import BULK_READ, CopyFlow, SpliceFlow
 
+from sockio import recv_to_eof
+
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.socket() as listener:
@@ -49,13 +51,6 @@ class Ends:
         self.server.close()
 
 
-def recv_all(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while chunk := sock.recv(1 << 20):
-        out += chunk
-    return bytes(out)
-
-
 def test_on_done_gets_the_relay_once_after_both_sockets_are_closed():
     ends = Ends()
     job = ends.relay()
@@ -65,7 +60,7 @@ def test_on_done_gets_the_relay_once_after_both_sockets_are_closed():
     assert ends.client.recv(100) == b"reply"
     ends.client.shutdown(socket.SHUT_WR)
     ends.server.shutdown(socket.SHUT_WR)
-    assert recv_all(ends.client) == recv_all(ends.server) == b""
+    assert recv_to_eof(ends.client) == recv_to_eof(ends.server) == b""
     gevent.sleep(0.05)
     assert ends.done == [job]
     assert (job.up.moved, job.down.moved, job.end) == (7, 5, "closed")

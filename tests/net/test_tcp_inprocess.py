@@ -12,16 +12,7 @@ import pytest
 
 from dynproxy.net.tcp_accept import IDLE_WORKERS
 
-
-def recv_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
+from sockio import recv_line
 
 CONFIG = "server:\n  timeouts:\n    client_hello: 5s\n    idle: 30s\n"
 

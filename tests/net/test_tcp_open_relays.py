@@ -17,6 +17,8 @@ import pytest
 from dynproxy.net import relay_pools
 from dynproxy.net.relay_pools import PIPES
 
+from sockio import recv_exact
+
 GREETING = b"backend=web\n"  # what the test backend says first, then it echoes
 
 
@@ -42,26 +44,17 @@ def site(in_process, backends):
     return start
 
 
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    out = bytearray()
-    while len(out) < count:
-        chunk = sock.recv(count - len(out))
-        assert chunk, f"EOF after {len(out)} of {count} bytes"
-        out += chunk
-    return bytes(out)
-
-
 def echo(sock: socket.socket, data: bytes) -> None:
     """Send `data` through the proxy to the echoing backend and read it back."""
     sender = gevent.spawn(sock.sendall, data)
-    assert recv_exactly(sock, len(data)) == data
+    assert recv_exact(sock, len(data)) == data
     sender.get(timeout=10)
 
 
 def test_bytes_of_an_open_connection_are_counted_while_it_lasts_and_exactly_at_close(site):
     s = site()
     sock = s.connect(timeout=10)
-    assert recv_exactly(sock, len(GREETING)) == GREETING
+    assert recv_exact(sock, len(GREETING)) == GREETING
     first = os.urandom(300_000)  # bulk: the flows turn to splice
     echo(sock, first)
     # still open, nothing ended: the counters show the bytes within about a second
@@ -105,7 +98,7 @@ def test_many_open_connections_are_each_counted_once(site):
     s = site()
     socks = [s.connect(timeout=10) for _ in range(20)]
     for sock in socks:
-        assert recv_exactly(sock, len(GREETING)) == GREETING
+        assert recv_exact(sock, len(GREETING)) == GREETING
     sizes = [1000 * (i + 1) for i in range(len(socks))]
     for sock, size in zip(socks, sizes, strict=True):
         echo(sock, b"z" * size)
@@ -136,7 +129,7 @@ def test_a_connection_that_gets_no_pipe_copies_instead_and_is_counted(site, monk
     monkeypatch.setattr(relay_pools.os, "pipe2", pipe2_refused)
     created = PIPES.created
     sock = s.connect(timeout=10)
-    assert recv_exactly(sock, len(GREETING)) == GREETING
+    assert recv_exact(sock, len(GREETING)) == GREETING
     data = os.urandom(1 << 20)  # bulk both ways: each flow would turn to splice
     echo(sock, data)
     sock.close()
@@ -159,7 +152,7 @@ def test_bytes_of_an_open_tls_terminated_connection_are_counted_while_it_lasts(
     ctx = ssl.create_default_context(cafile=str(tls_certs["ca"].cert_path))
     ctx.check_hostname = False
     with ctx.wrap_socket(s.connect(timeout=10), server_hostname="any.example.org") as tls:
-        assert recv_exactly(tls, len(GREETING)) == GREETING
+        assert recv_exact(tls, len(GREETING)) == GREETING
         data = os.urandom(100_000)
         echo(tls, data)
         # plaintext bytes, while the connection is open and relayed in its greenlet

@@ -17,6 +17,8 @@ import pytest
 
 from dynproxy.net.tls_stream import TlsStream
 
+from sockio import recv_exact, recv_line
+
 PAYLOAD = bytes(range(256)) * 200  # 50 KiB: several TLS records each way
 
 
@@ -44,25 +46,6 @@ def client_context(certs, alpn=None, **attrs) -> ssl.SSLContext:
     for key, value in attrs.items():
         setattr(ctx, key, value)
     return ctx
-
-
-def recv_exact(sock, count: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        assert chunk, f"EOF after {len(buf)} of {count} bytes"
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_line(sock) -> bytes:
-    buf = bytearray()
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 def wait_metric(p, name: str, value: float, **labels) -> float:

@@ -18,24 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from sockio import recv_exact, recv_to_eof
+
 # Short timeouts keep the file fast; the bystander sends every 50 ms, far inside them.
 TIMEOUTS = {"client_hello": "1s", "idle": "1s", "connect": "1s"}
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = b""
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        assert chunk, f"EOF after {len(buf)} of {count} bytes"
-        buf += chunk
-    return buf
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    buf = b""
-    while chunk := sock.recv(65536):
-        buf += chunk
-    return buf
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ hurries it), the drain timeout cuts, SIGQUIT is fast. Reload: test_signals_reloa
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import socket
 import time
@@ -11,16 +10,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _load_support():
-    path = Path(__file__).with_name("test_workers_support.py")
-    spec = importlib.util.spec_from_file_location("dynproxy_proc_test_support", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-s = _load_support()
+import proc_support as s
 
 TRANSFER = 256 * 1024
 CHUNKS = 16
@@ -55,7 +45,7 @@ def test_sigterm_lets_50_transfers_finish_and_refuses_new_connections(proxy, scr
     assert p.http("/healthz") == (503, b"draining\n")
     for seed, c, first in clients:
         with c:
-            assert first + s.recv_all(c) == s.pattern(TRANSFER, seed), f"transfer {seed}"
+            assert first + s.recv_to_eof(c) == s.pattern(TRANSFER, seed), f"transfer {seed}"
     assert p.proc.wait(15) == 0
     assert "closing" not in p.logs()  # nothing had to be cut
 
@@ -65,11 +55,11 @@ def test_the_drain_timeout_cuts_what_outlives_it(proxy, backends):
     p = proxy(f"backend a {a.address}\ndefault -> forward(a)\n", config=s.config("0.5s"),
               extra_args=s.WORKERS_2)
     idle = socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10)
-    assert s.read_line(idle) == b"backend=a\n"
+    assert s.recv_line(idle) == b"backend=a\n"
     p.signal(signal.SIGTERM)
     assert p.proc.wait(10) == 0
     with pytest.raises(ConnectionResetError):  # cut by the proxy: RST, not a clean end
-        s.recv_all(idle)
+        s.recv_to_eof(idle)
     s.wait_log(p, "the cut logged", msg="closing 1 connection(s)")
 
 
@@ -78,13 +68,13 @@ def test_a_second_sigint_during_the_drain_stops_at_once(proxy, backends):
     p = proxy(f"backend a {a.address}\ndefault -> forward(a)\n", config=s.config("60s"),
               extra_args=s.WORKERS_2)
     idle = socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10)
-    assert s.read_line(idle) == b"backend=a\n"
+    assert s.recv_line(idle) == b"backend=a\n"
     p.signal(signal.SIGINT)
     s.wait_log(p, "the master draining", msg="SIGINT: stopping gracefully")
     p.signal(signal.SIGINT)
     assert p.proc.wait(10) == 0
     with pytest.raises(ConnectionResetError):  # a fast stop cuts with RST too
-        s.recv_all(idle)
+        s.recv_to_eof(idle)
     s.wait_log(p, "the switch to fast logged", msg="SIGINT during the drain")
 
 
@@ -94,7 +84,7 @@ def test_sigquit_exits_within_a_second(proxy, backends):
               extra_args=s.WORKERS_2)
     conns = [socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10) for _ in range(10)]
     for c in conns:
-        assert s.read_line(c) == b"backend=a\n"
+        assert s.recv_line(c) == b"backend=a\n"
     workers = s.worker_pids(p)
     began = time.monotonic()
     p.signal(signal.SIGQUIT)

@@ -3,7 +3,6 @@ systemd's notify protocol, and reloads that need new sockets or other worker cou
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -11,18 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import proc_support as s
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_support():
-    path = Path(__file__).with_name("test_workers_support.py")
-    spec = importlib.util.spec_from_file_location("dynproxy_proc_test_support", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-s = _load_support()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -133,7 +123,7 @@ def test_a_reload_moves_a_listener_without_touching_its_connections(backends, tm
                          metrics_port)
     try:
         inflight = socket.create_connection(("127.0.0.1", old_port), timeout=10)
-        assert s.read_line(inflight) == b"backend=a\n"
+        assert s.recv_line(inflight) == b"backend=a\n"
         p.write_config({"workers": 2, "tcp_bind": f"[127.0.0.1:{new_port}]", "udp_bind": udp})
         p.proc.send_signal(signal.SIGHUP)
         s.wait_reloaded(p, 2)

@@ -4,22 +4,11 @@ reloads under load lose no connection."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import socket
 import threading
-from pathlib import Path
 
-
-def _load_support():
-    path = Path(__file__).with_name("test_workers_support.py")
-    spec = importlib.util.spec_from_file_location("dynproxy_proc_test_support", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-s = _load_support()
+import proc_support as s
 
 
 def test_sighup_reroutes_new_connections_and_keeps_inflight_ones(proxy, backends):
@@ -39,7 +28,7 @@ def _reroute(proxy, a, b, ua, ub):
     p = proxy(rules.format(**addrs, udp="ua", tcp="a"), config=s.config("2s"),
               extra_args=s.WORKERS_2)
     inflight = socket.create_connection(("127.0.0.1", p.tcp_port), timeout=10)
-    assert s.read_line(inflight) == b"backend=a\n"
+    assert s.recv_line(inflight) == b"backend=a\n"
     session = s.udp_client()
     assert s.udp_ask(session, p.udp_port, b"one") == b"ua:one"
     p.rules_path.write_text(rules.format(**addrs, udp="ub", tcp="b"))
@@ -110,7 +99,7 @@ class _Load:
         while not self._stop.is_set():
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
-                    hello = s.read_line(c)
+                    hello = s.recv_line(c)
                     c.sendall(payload)
                     echoed = s.recv_exact(c, len(payload))
                 if hello not in (b"backend=a\n", b"backend=b\n") or echoed != payload:

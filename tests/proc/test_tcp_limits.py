@@ -15,22 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-
-def recv_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    buf = b""
-    while chunk := sock.recv(65536):
-        buf += chunk
-    return buf
+from sockio import recv_line, recv_to_eof
 
 
 class Held:

@@ -13,26 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from sockio import recv_exact, recv_line
+
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB: several relay chunks each way
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        assert chunk, f"EOF after {len(buf)} of {count} bytes"
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_line(sock: socket.socket) -> bytes:
-    buf = bytearray()
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 def send_in_pieces(sock: socket.socket, data: bytes, cuts) -> None:

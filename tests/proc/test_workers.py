@@ -3,7 +3,6 @@ replaced, workers serve what the master validated, a taken port is explained."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,18 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import proc_support as s
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_support():
-    path = Path(__file__).with_name("test_workers_support.py")
-    spec = importlib.util.spec_from_file_location("dynproxy_proc_test_support", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-s = _load_support()
 
 
 def _rules(*backends) -> str:

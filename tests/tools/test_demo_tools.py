@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sockio import recv_to_eof
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"
 PEER = r"peer=127\.0\.0\.1:\d+"
@@ -182,7 +184,7 @@ def test_http_request_gets_an_http_response_and_later_bytes_are_echoed(demo):
     d = demo("web-a=127.0.0.1:0")
     with socket.create_connection(("127.0.0.1", d.ports["web-a"]), timeout=5) as s:
         s.sendall(b"GET /x HTTP/1.1\r\nHost: demo\r\n\r\n")
-        reply = read_all(s)
+        reply = recv_to_eof(s)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
@@ -194,13 +196,6 @@ def test_http_request_gets_an_http_response_and_later_bytes_are_echoed(demo):
         assert s.recv(4096).startswith(b"backend=web-a ")
         s.sendall(b"second")
         assert s.recv(4096) == b"second"
-
-
-def read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 # --- dpclient failures ---------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Helpers for the master/worker tests (test_workers*.py, test_signals*.py); no tests here.
+"""Helpers for the master/worker tests (test_workers*.py, test_signals*.py).
 
-Loaded by those files with `load_support()`; everything that starts something is
-stopped by the fixtures of tests/conftest.py or by the tests themselves, by PID.
+Imported as `import proc_support as s` (pytest `pythonpath = ["tests"]`); everything
+that starts something is stopped by the fixtures of tests/conftest.py or by the tests
+themselves, by PID. Socket reads come from sockio (`s.recv_line` and so on).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import socket
 import threading
 import time
+
+from sockio import recv_exact, recv_line, recv_to_eof  # noqa: F401 - s.recv_*
 
 WORKERS_2 = ("--workers", "2")
 WAIT = 20.0  # seconds any "until" below may take before the test fails with the log
@@ -84,36 +87,7 @@ def wait_reloaded(proxy, generation: int) -> dict:
 def greeting(port: int) -> bytes:
     """Connect, return the backend's greeting line (NamedBackend: b"backend=NAME\\n")."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        return read_line(sock)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    buf = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
+        return recv_line(sock)
 
 
 def pattern(size: int, seed: int) -> bytes:
