@@ -118,19 +118,23 @@ class Flow:
         return writer
 
     def _send_head(self) -> bool:
-        head = self.head
-        try:
-            sent = self.dst.send(head)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise Broken.from_error(exc, self.peer) from None
-        self.moved += sent
-        if sent < len(head):
-            self.head = head[sent:]
-            return False
-        self.head = None
-        return True
+        """Send the bytes queued before the relay began; True once all of them went."""
+        self.head = self._send(self.head)
+        return self.head is None
+
+    def _send(self, out):
+        """Send `out` to dst; None when all of it went, else what dst could not take."""
+        while True:
+            try:
+                sent = self.dst.send(out)
+            except BlockingIOError:
+                return out
+            except OSError as exc:
+                raise Broken.from_error(exc, self.peer) from None
+            self.moved += sent
+            if sent == len(out):
+                return None
+            out = out[sent:]
 
     def _wait_writable(self) -> None:
         """dst is full: keep the bytes, stop reading src until dst drains."""
@@ -322,20 +326,6 @@ class CopyFlow(Flow):
             self.view = self.out = None
             BUFFERS.give(view)
         self._resume_reading()
-
-    def _send(self, out):
-        """Send `out` to dst; None when all of it went, else what dst could not take."""
-        while True:
-            try:
-                sent = self.dst.send(out)
-            except BlockingIOError:
-                return out
-            except OSError as exc:
-                raise Broken.from_error(exc, self.peer) from None
-            self.moved += sent
-            if sent == len(out):
-                return None
-            out = out[sent:]
 
 
 _SCRATCH: dict[int, memoryview] = {}  # buffer_size -> the process's scratch of that size
