@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import sys
+from collections.abc import Callable
 
 log = logging.getLogger("dynproxy.tcp")
 # Descriptors per connection: the client and upstream sockets, plus a share of the
@@ -73,19 +74,30 @@ def _open_fds() -> int:
 
 def open_tcp_listener(host: str, port: int, backlog: int, reuse_port: bool) -> socket.socket:
     """A bound, listening socket; IPv6 literals get an AF_INET6 socket (v6 only)."""
+    return bound_socket("tcp", host, port, reuse_port, lambda sock: sock.listen(backlog))
+
+
+def bound_socket(proto: str, host: str, port: int, reuse_port: bool,
+                 finish: Callable[[socket.socket], object]) -> socket.socket:
+    """A `proto` ("tcp", "udp") socket bound to host:port, then `finish(sock)` (listen,
+    non-blocking, ...); any failure closes it and raises BindError. IPv6 literals get
+    an AF_INET6 socket (v6 only). SO_REUSEADDR for TCP only (TIME_WAIT leftovers): for
+    UDP it would let a second process bind the same port and silently take its
+    datagrams, hiding the "port in use" error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if proto == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host or "0.0.0.0", port))
-        sock.listen(backlog)
+        finish(sock)
     except OSError as exc:
         sock.close()
-        raise BindError("tcp", host, port, exc) from None
+        raise BindError(proto, host, port, exc) from None
     return sock
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 
-from dynproxy.net.tcp import BindError
+from dynproxy.net.tcp_listen import BindError, bound_socket
 
 __all__ = ["check_free", "holder_of"]
 
@@ -21,21 +20,15 @@ _LISTEN, _UDP_BOUND = "0A", "07"
 
 
 def check_free(proto: str, host: str, port: int) -> None:
-    """Raise BindError (with the holder named when known) unless `host:port` is free."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(family, kind) as probe:
-        if proto == "tcp":  # as the listeners do: TIME_WAIT leftovers do not count
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            probe.bind((host or "0.0.0.0", port))
-        except OSError as exc:
-            error = BindError(proto, host, port, exc)
-            if exc.errno == errno.EADDRINUSE:
-                error.args = (f"{error.args[0]}{_held_by(proto, port)}",)
-            raise error from None
+    """Raise BindError (with the holder named when known) unless `host:port` is free.
+    The probe binds as the listeners do (TIME_WAIT leftovers do not count), but
+    without SO_REUSEPORT."""
+    try:
+        bound_socket(proto, host, port, False, lambda probe: None).close()
+    except BindError as error:
+        if error.errno == errno.EADDRINUSE:
+            error.args = (f"{error.args[0]}{_held_by(proto, port)}",)
+        raise
 
 
 def _held_by(proto: str, port: int) -> str:
