@@ -39,6 +39,17 @@ def free_port(kind=socket.SOCK_STREAM, host="127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listening(host: str) -> tuple[socket.socket, int, str]:
+    """A TCP socket listening on a free port of `host`: (socket, port, "host:port")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(512)
+    port = sock.getsockname()[1]
+    return sock, port, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class NamedBackend:
     """A TCP server that answers every connection with `backend=NAME\\n`, then echoes.
 
@@ -47,13 +58,7 @@ class NamedBackend:
 
     def __init__(self, name: str, host: str = "127.0.0.1", greet: bool = True):
         self.name, self.greet = name, greet
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.sock, self.port, self.address = listening(host)
         self.accepted = 0
         self.received: list[bytes] = []
         self._stop = False
@@ -258,13 +263,7 @@ class ScriptedBackend:
 
     def __init__(self, script, host: str = "127.0.0.1"):
         self.script = script
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(512)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.sock, self.port, self.address = listening(host)
         self.accepted = 0
         self.peers: list[tuple] = []
         threading.Thread(target=self._accept_loop, daemon=True).start()
