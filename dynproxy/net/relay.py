@@ -38,7 +38,8 @@ from dynproxy.net.relay_flows import READ, Broken, CopyFlow, SpliceFlow
 from dynproxy.net.relay_pools import BUFFERS, PIPES, WATCHERS, BufferPool, PipePool
 from dynproxy.obs.log import log_once_per
 
-__all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool", "Relay", "RelayResult", "relay"]
+__all__ = ["BUFFERS", "PIPES", "BufferPool", "PipePool", "Relay", "RelayResult", "relay",
+           "reset_on_close"]
 
 _SPLICE = getattr(os, "splice", None)  # the flows get it from here (tests replace it)
 # Tokens the watchers call back with: bit 0 = writable, bit 1 = downstream flow.
@@ -127,8 +128,8 @@ class Relay:
         sockets close with RST, not FIN, so neither peer takes the cut for a clean end."""
         if not self.end:
             if reset:
-                _abort(self.client)
-                _abort(self.upstream)
+                reset_on_close(self.client)
+                reset_on_close(self.upstream)
             self.on_done = None
             self._end(end, self.first)
 
@@ -179,7 +180,7 @@ class Relay:
 
     def _broken(self, broken: Broken) -> None:
         if broken.end == "reset":  # the survivor must see the stream was cut, not ended
-            _abort(self.down.src if broken.side == "client" else self.up.src)
+            reset_on_close(self.down.src if broken.side == "client" else self.up.src)
         self._end(broken.end, self.first or broken.side)
 
     def _failed(self, exc: Exception) -> None:
@@ -300,7 +301,7 @@ def relay(client: socket.socket, upstream: socket.socket, *, initial_up: bytes =
     return job.result
 
 
-def _abort(raw) -> None:
+def reset_on_close(raw) -> None:
     """Make close() send RST, so the surviving peer learns the stream was cut."""
     try:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)

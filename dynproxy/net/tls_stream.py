@@ -20,13 +20,12 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-import struct
 import time
 
 import gevent
 from gevent.hub import get_hub
 
-from dynproxy.net.relay import RelayResult
+from dynproxy.net.relay import RelayResult, reset_on_close
 from dynproxy.net.tls_certs import FileStamp
 
 __all__ = ["TlsStream", "backend_context", "connect_tls", "relay_streams"]
@@ -34,7 +33,6 @@ __all__ = ["TlsStream", "backend_context", "connect_tls", "relay_streams"]
 # EBADF too: a socket closed under a waiting greenlet means the other direction failed.
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN,
                            errno.EBADF})
-_LINGER_ABORT = struct.pack("ii", 1, 0)  # close() then sends RST instead of FIN
 _IDLE_TICKS = 8  # a silent pair ends within 1/8 of the idle timeout after it
 _BACKEND_CONTEXTS: dict = {}  # BackendTlsSpec -> (CA file stamp, SSLContext)
 
@@ -219,10 +217,7 @@ class _Pair:
         """Make both sockets' close send RST, not FIN (the relay is being cut: a fast
         stop, or the drain timeout), so neither peer takes the cut for a clean end."""
         for sock in self.ends:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-            except OSError:
-                pass
+            reset_on_close(sock)
 
 
 def relay_streams(client, upstream, *, initial_up: bytes = b"",
@@ -321,9 +316,9 @@ def _failed(pair: _Pair, end: str, side: str) -> None:
     pair.end = end
     pair.first = pair.first or side
     for sock in pair.ends:
+        if end == "reset":  # the surviving peer must learn the stream was cut
+            reset_on_close(sock)
         try:
-            if end == "reset":  # the surviving peer must learn the stream was cut
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
             sock.close()
         except OSError:
             pass
